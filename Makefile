@@ -1,0 +1,49 @@
+# One-command set-up: every target installs what it needs first (as root on Debian).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl git sqlite3 attr rsync
+BACKING ?= data
+MOUNTPOINT ?= mnt
+PYTEST_ARGS ?=
+
+.PHONY: all setup system-packages venv test mount umount clean bench bench-quick
+
+all: test
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root, or: sudo apt-get install$$missing)"; exit 1; fi; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -c "import pyfuse3, trio, cryptography, h11" 
+	@touch $@
+
+venv: $(VENV)/.installed
+
+setup: system-packages venv
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The main job: mount ./$(BACKING) (ciphertext) on ./$(MOUNTPOINT) (plaintext). A local KMS
+# with the default key sfs/default is started if none answers on the default socket.
+mount: setup
+	@mkdir -p $(BACKING) $(MOUNTPOINT)
+	$(VENV)/bin/encfs mount $(BACKING) $(MOUNTPOINT)
+
+umount:
+	$(VENV)/bin/encfs umount $(MOUNTPOINT)
+
+clean:
+	@if mountpoint -q $(MOUNTPOINT) 2>/dev/null; then echo "$(MOUNTPOINT) is mounted: make umount first"; exit 1; fi
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""encfs: an envelope-encrypted FUSE filesystem (Huawei SFS encryption emulated locally)."""

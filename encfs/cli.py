@@ -1,0 +1,36 @@
+"""The `encfs` command: one subcommand per tool, each a module with its own `main(argv)`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from . import mount
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "mount": (mount.main, "mount BACKING on MOUNTPOINT"),
+    "umount": (mount.umount_main, "flush and unmount MOUNTPOINT"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: encfs COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\n'encfs COMMAND --help' describes each command.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    entry = COMMANDS.get(argv[0])
+    if entry is None:
+        print(f"encfs: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return entry[0](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The on-disk format: data-file header, block layout, size mapping and the sidecar.
+
+Pure code: bytes in, bytes or numbers out, no I/O. docs/FORMAT.md is the specification
+this module implements; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+
+# --- data file -------------------------------------------------------------------------
+
+DATA_MAGIC = b"ENCF"
+#: magic(4) | version u16 BE | block_size_log2 u8 | reserved u8 | file_id(16)
+HEADER = struct.Struct(">4sHBB16s")
+HEADER_SIZE = HEADER.size  # 24
+NONCE_SIZE = 12
+TAG_SIZE = 16
+BLOCK_OVERHEAD = NONCE_SIZE + TAG_SIZE
+DEFAULT_BLOCK_SIZE = 4096
+MIN_BLOCK_SHIFT, MAX_BLOCK_SHIFT = 12, 20  # 4 KiB .. 1 MiB
+FILE_ID_SIZE = 16
+
+
+class FormatError(ValueError):
+    """On-disk data that does not follow docs/FORMAT.md."""
+
+
+@dataclass(frozen=True)
+class Header:
+    file_id: bytes
+    block_size: int = DEFAULT_BLOCK_SIZE
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        return HEADER.pack(DATA_MAGIC, self.version, self.block_size.bit_length() - 1, 0,
+                           self.file_id)
+
+
+def encode_header(file_id: bytes, block_size: int = DEFAULT_BLOCK_SIZE) -> bytes:
+    check_block_size(block_size)
+    if len(file_id) != FILE_ID_SIZE:
+        raise FormatError("file id must be 16 bytes")
+    return Header(file_id, block_size).encode()
+
+
+def check_block_size(block_size: int) -> None:
+    shift = block_size.bit_length() - 1
+    if block_size != 1 << shift or not MIN_BLOCK_SHIFT <= shift <= MAX_BLOCK_SHIFT:
+        raise FormatError(f"unsupported block size {block_size}")
+
+
+def decode_header(data: bytes) -> Header:
+    if len(data) < HEADER_SIZE:
+        raise FormatError(f"data file header truncated ({len(data)} of {HEADER_SIZE} bytes)")
+    magic, version, shift, _reserved, file_id = HEADER.unpack_from(data)
+    if magic != DATA_MAGIC:
+        raise FormatError("not an encfs data file (bad magic)")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"unsupported data file version {version}")
+    if not MIN_BLOCK_SHIFT <= shift <= MAX_BLOCK_SHIFT:
+        raise FormatError(f"unsupported block size 2**{shift}")
+    return Header(file_id=file_id, block_size=1 << shift, version=version)
+
+
+def cipher_block_size(block_size: int) -> int:
+    return block_size + BLOCK_OVERHEAD
+
+
+def block_offset(block_no: int, block_size: int) -> int:
+    """Offset of ciphertext block ``block_no`` in the data file."""
+    return HEADER_SIZE + block_no * cipher_block_size(block_size)
+
+
+def plain_size(cipher_size: int, block_size: int) -> int:
+    """Plaintext size of a data file of ``cipher_size`` bytes.
+
+    A file of at most a header holds no data. A trailing fragment too short to hold a tag
+    (1..28 bytes) is a torn block: it adds nothing here and is reported by `torn_tail`.
+    """
+    if cipher_size <= HEADER_SIZE:
+        return 0
+    full, rest = divmod(cipher_size - HEADER_SIZE, cipher_block_size(block_size))
+    return full * block_size + max(rest - BLOCK_OVERHEAD, 0)
+
+
+def torn_tail(cipher_size: int, block_size: int) -> bool:
+    """True when the data file ends in a fragment that cannot be a block."""
+    if cipher_size <= HEADER_SIZE:
+        return 0 < cipher_size < HEADER_SIZE
+    rest = (cipher_size - HEADER_SIZE) % cipher_block_size(block_size)
+    return 0 < rest <= BLOCK_OVERHEAD
+
+
+def cipher_size(plain: int, block_size: int) -> int:
+    """Size of the data file that holds ``plain`` bytes (0 for an empty file)."""
+    if plain == 0:
+        return 0
+    full, rest = divmod(plain, block_size)
+    size = HEADER_SIZE + full * cipher_block_size(block_size)
+    return size + (rest + BLOCK_OVERHEAD if rest else 0)
+
+
+def block_aad(file_id: bytes, block_no: int) -> bytes:
+    """AAD of a block: format version, file id, block number. Binds a block to its place."""
+    return struct.pack(">H16sQ", FORMAT_VERSION, file_id, block_no)
+
+
+# --- sidecar ---------------------------------------------------------------------------
+
+SIDECAR_SUFFIX = ".sfskey"
+SIDECAR_MAGIC = b"ESFK"
+#: magic(4) | version u16 BE | slot_size u16 BE | reserved(8)
+SIDECAR_HEAD = struct.Struct(">4sHH8s")
+SLOT_SIZE = 512
+SIDECAR_SIZE = SIDECAR_HEAD.size + 2 * SLOT_SIZE  # 1040
+#: seq u64 | file_id(16) | created_ns u64 | dek_bytes u16 | key_id_len u8 | wrapped_len u16
+SLOT_FIXED = struct.Struct(">Q16sQHBH")
+KEY_ID_MAX = 64
+WRAPPED_MAX = SLOT_SIZE - SLOT_FIXED.size - KEY_ID_MAX - 4  # 4: CRC32 at the slot's end
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What one sidecar slot says: which CMK wrapped this file's DEK, and the wrapped DEK."""
+
+    file_id: bytes
+    key_id: str
+    wrapped_dek: bytes
+    created_ns: int
+    dek_bytes: int = 32
+    seq: int = 1
+
+    @property
+    def cipher_text(self) -> str:
+        """The wrapped DEK as the KMS API spells it (uppercase hex)."""
+        return self.wrapped_dek.hex().upper()
+
+
+def encode_slot(rec: KeyRecord) -> bytes:
+    key_id = rec.key_id.encode("ascii")
+    if len(key_id) > KEY_ID_MAX:
+        raise FormatError("key id too long for a sidecar slot")
+    if len(rec.wrapped_dek) > WRAPPED_MAX:
+        raise FormatError("wrapped DEK too long for a sidecar slot")
+    if len(rec.file_id) != FILE_ID_SIZE:
+        raise FormatError("file id must be 16 bytes")
+    body = (SLOT_FIXED.pack(rec.seq, rec.file_id, rec.created_ns, rec.dek_bytes, len(key_id),
+                            len(rec.wrapped_dek))
+            + key_id.ljust(KEY_ID_MAX, b"\0") + rec.wrapped_dek)
+    body = body.ljust(SLOT_SIZE - 4, b"\0")
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def decode_slot(slot: bytes) -> KeyRecord | None:
+    """The record in one slot, or None when the slot is empty or torn (bad checksum)."""
+    if len(slot) != SLOT_SIZE or not any(slot):
+        return None
+    (crc,) = struct.unpack_from(">I", slot, SLOT_SIZE - 4)
+    if zlib.crc32(slot[:-4]) != crc:
+        return None
+    seq, file_id, created_ns, dek_bytes, key_len, wrapped_len = SLOT_FIXED.unpack_from(slot)
+    if key_len > KEY_ID_MAX or wrapped_len > WRAPPED_MAX or wrapped_len == 0:
+        return None
+    pos = SLOT_FIXED.size
+    try:
+        key_id = slot[pos:pos + key_len].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    pos += KEY_ID_MAX
+    return KeyRecord(file_id=file_id, key_id=key_id, wrapped_dek=slot[pos:pos + wrapped_len],
+                     created_ns=created_ns, dek_bytes=dek_bytes, seq=seq)
+
+
+def encode_sidecar(rec: KeyRecord) -> bytes:
+    """A new sidecar: the record in slot A, slot B empty."""
+    head = SIDECAR_HEAD.pack(SIDECAR_MAGIC, FORMAT_VERSION, SLOT_SIZE, b"\0" * 8)
+    return head + encode_slot(rec) + b"\0" * SLOT_SIZE
+
+
+def decode_sidecar(data: bytes) -> KeyRecord:
+    """The newest valid record of a sidecar (two slots, so that a torn rewrite keeps the old)."""
+    if len(data) != SIDECAR_SIZE:
+        raise FormatError(f"sidecar has {len(data)} bytes, expected {SIDECAR_SIZE}")
+    magic, version, slot_size, _ = SIDECAR_HEAD.unpack_from(data)
+    if magic != SIDECAR_MAGIC:
+        raise FormatError("not an encfs sidecar (bad magic)")
+    if version != FORMAT_VERSION or slot_size != SLOT_SIZE:
+        raise FormatError(f"unsupported sidecar version {version}")
+    base = SIDECAR_HEAD.size
+    records = [r for r in (decode_slot(data[base:base + SLOT_SIZE]),
+                           decode_slot(data[base + SLOT_SIZE:])) if r is not None]
+    if not records:
+        raise FormatError("sidecar holds no valid key record (both slots damaged)")
+    return max(records, key=lambda r: r.seq)
+
+
+def next_slot_write(data: bytes, rec: KeyRecord) -> tuple[int, bytes, KeyRecord]:
+    """Where and what to write to replace a sidecar's record in place.
+
+    The new record gets the next sequence number and goes into the slot that does not hold
+    the current record, so a write torn by a crash leaves the current one intact. In-place
+    rewrites keep hard-linked sidecars linked.
+    """
+    current = decode_sidecar(data)
+    new = KeyRecord(file_id=rec.file_id, key_id=rec.key_id, wrapped_dek=rec.wrapped_dek,
+                    created_ns=rec.created_ns, dek_bytes=rec.dek_bytes, seq=current.seq + 1)
+    base = SIDECAR_HEAD.size
+    slot_a = decode_slot(data[base:base + SLOT_SIZE])
+    use_b = slot_a is not None and slot_a.seq == current.seq
+    return base + (SLOT_SIZE if use_b else 0), encode_slot(new), new
+
+
+def is_sidecar_name(name: bytes | str) -> bool:
+    suffix = SIDECAR_SUFFIX.encode() if isinstance(name, bytes) else SIDECAR_SUFFIX
+    return name.endswith(suffix)
+
+
+def sidecar_name(name: bytes) -> bytes:
+    return name + SIDECAR_SUFFIX.encode()

@@ -1,0 +1,663 @@
+"""The FUSE frontend: a `pyfuse3.Operations` subclass mapping requests onto the backing dir.
+
+Every handler runs on the one trio thread. Handlers that do not ``await`` are atomic with
+respect to each other, which is what makes read-modify-write of a block and truncate safe
+without further locks; the only awaits are KMS calls (key loading, new files), which are
+made before any backing change they guard and serialised per inode by ``Node.key_lock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from . import backing as bk
+from . import format as fmt
+from .cipher import BlockAuthError, BlockCipher
+from .keys import KeyError_, KeyManager
+from .renameat2 import renameat2
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+class Node:
+    """What the filesystem knows about one inode the kernel holds.
+
+    ``links`` are (parent inode, name) pairs: the path is derived by walking up, so renaming
+    a directory needs no update of its descendants.
+    """
+
+    __slots__ = ("ino", "links", "lookups", "opens", "fd", "cipher", "record", "key_lock",
+                 "block_size", "dir_dirty")
+
+    def __init__(self, ino: int):
+        self.ino = ino
+        self.links: set[tuple[int, bytes]] = set()
+        self.lookups = 0
+        self.opens = 0
+        self.fd: int | None = None
+        self.cipher: BlockCipher | None = None
+        self.record: fmt.KeyRecord | None = None
+        self.key_lock = trio.Lock()
+        self.block_size: int | None = None
+        self.dir_dirty = False  # a directory entry of this file is not yet fsynced
+
+
+def _fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn OSError from the backing dir into the same errno for the caller."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    return wrapper
+
+
+class EncFS(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, backing: bytes, config: bk.BackingConfig, keys: KeyManager,
+                 mountpoint: str = "", cache_timeout: float = 1.0):
+        super().__init__()
+        self.backing = backing
+        self.config = config
+        self.keys = keys
+        self.mountpoint = mountpoint
+        self.timeout = cache_timeout
+        self.root_ino = os.lstat(backing).st_ino
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
+        self.nodes[ROOT].lookups = 1
+        self.dir_handles: dict[int, tuple[int, list[tuple[bytes, os.stat_result]]]] = {}
+        self._next_dh = 1
+        self.as_root = os.geteuid() == 0
+
+    # --- paths and nodes ----------------------------------------------------------------
+
+    def _path(self, ino: int) -> bytes:
+        parts = []
+        while ino != ROOT:
+            node = self.nodes.get(ino)
+            if node is None or not node.links:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            ino, name = next(iter(node.links))
+            parts.append(name)
+        return os.path.join(self.backing, *reversed(parts)) if parts else self.backing
+
+    def _child(self, parent: int, name: bytes) -> bytes:
+        if bk.is_reserved(parent == ROOT, name):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return os.path.join(self._path(parent), name)
+
+    def _new_name(self, parent: int, name: bytes) -> bytes:
+        """Path for a name being created; refuses reserved and too-long names."""
+        if bk.is_reserved(parent == ROOT, name):
+            raise pyfuse3.FUSEError(bk.reserved_errno())
+        if len(name) + len(fmt.SIDECAR_SUFFIX) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return os.path.join(self._path(parent), name)
+
+    def _ino(self, st: os.stat_result) -> int:
+        return ROOT if st.st_ino == self.root_ino else st.st_ino
+
+    def _remember(self, st: os.stat_result, parent: int, name: bytes) -> Node:
+        """Count one kernel reference to the inode behind ``parent/name``."""
+        ino = self._ino(st)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino)
+        node.links.add((parent, name))
+        node.lookups += 1
+        return node
+
+    def _drop_link(self, parent: int, name: bytes, ino: int) -> None:
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.links.discard((parent, name))
+
+    def _display(self, path: bytes) -> str:
+        """The plaintext path of a backing path, for log lines."""
+        rel = os.path.relpath(path, self.backing)
+        return os.path.join(self.mountpoint, os.fsdecode(rel))
+
+    def _attr(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        if stat.S_ISREG(st.st_mode):
+            node = self.nodes.get(ino)
+            bs = (node.block_size if node and node.block_size else self.config.block_size)
+            e.st_size = fmt.plain_size(st.st_size, bs)
+        else:
+            e.st_size = st.st_size
+        e.st_blksize = 4096
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _stat(self, ino: int) -> os.stat_result:
+        node = self.nodes.get(ino)
+        if node is not None and node.fd is not None:
+            return os.fstat(node.fd)
+        return os.lstat(self._path(ino))
+
+    def _chown_new(self, path: bytes, ctx: pyfuse3.RequestContext, fd: int | None = None) -> None:
+        """New objects belong to the caller. Set explicitly: the daemon never switches uid."""
+        if not self.as_root:
+            return
+        if fd is not None:
+            os.fchown(fd, ctx.uid, ctx.gid)
+        else:
+            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+
+    # --- keys ---------------------------------------------------------------------------
+
+    async def _load_key(self, node: Node, path: bytes, fd: int, ctx_uid: int = 0) -> None:
+        """Give an open node its block cipher: header + sidecar + KMS unwrap."""
+        async with node.key_lock:
+            if node.cipher is not None:
+                return
+            try:
+                header = bk.read_header(fd)
+            except fmt.FormatError as e:
+                log.error("%s (backing %s): bad data file header: %s",
+                          self._display(path), os.fsdecode(path), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            try:
+                record = bk.read_sidecar(path)
+            except FileNotFoundError:
+                record = None
+            except (fmt.FormatError, OSError) as e:
+                log.error("%s (backing %s): unreadable sidecar: %s",
+                          self._display(path), os.fsdecode(path), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            if record is None:
+                if header is not None or os.fstat(fd).st_size > 0:
+                    log.error("%s (backing %s): data file has no sidecar %s",
+                              self._display(path), os.fsdecode(path),
+                              os.fsdecode(bk.sidecar_path(path)))
+                    raise pyfuse3.FUSEError(errno.EIO)
+                # An empty file without a key (made outside the mount): give it one now.
+                record, dek = await self._new_key()
+                st = os.fstat(fd)
+                bk.write_sidecar(self.backing, path, record,
+                                 *((st.st_uid, st.st_gid) if self.as_root else ()))
+            else:
+                if header is not None and header.file_id != record.file_id:
+                    log.error("%s (backing %s): sidecar belongs to another file "
+                              "(file id mismatch)", self._display(path), os.fsdecode(path))
+                    raise pyfuse3.FUSEError(errno.EIO)
+                try:
+                    dek = await self.keys.unwrap(record, self._display(path))
+                except KeyError_ as e:
+                    raise pyfuse3.FUSEError(e.errno) from None
+            node.block_size = header.block_size if header else self.config.block_size
+            node.record = record
+            node.cipher = BlockCipher(dek, record.file_id, node.block_size)
+
+    async def _new_key(self) -> tuple[fmt.KeyRecord, bytes]:
+        try:
+            return await self.keys.new_file_key()
+        except KeyError_ as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    # --- content ------------------------------------------------------------------------
+
+    def _decrypt(self, node: Node, first: int, data: bytes) -> bytes:
+        try:
+            return node.cipher.decrypt(first, data)
+        except BlockAuthError as e:
+            path = self._any_path(node)
+            log.error("%s (backing %s): block %d: %s", self._display(path) if path else
+                      f"inode {node.ino}", os.fsdecode(path) if path else "unlinked",
+                      e.block_no, e.reason)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _any_path(self, node: Node) -> bytes | None:
+        try:
+            return self._path(node.ino)
+        except pyfuse3.FUSEError:
+            return None
+
+    def _read_plain(self, node: Node, start: int, end: int) -> bytes:
+        """Plaintext bytes [start, end) of an open file; the range must lie within its size."""
+        if end <= start:
+            return b""
+        bs = node.block_size
+        first, last = start // bs, (end - 1) // bs
+        off = fmt.block_offset(first, bs)
+        data = os.pread(node.fd, fmt.block_offset(last + 1, bs) - off, off)
+        plain = self._decrypt(node, first, data)
+        return plain[start - first * bs:end - first * bs]
+
+    def _plain_size(self, node: Node) -> tuple[int, int]:
+        csize = os.fstat(node.fd).st_size
+        return csize, fmt.plain_size(csize, node.block_size)
+
+    def _ensure_header(self, node: Node, csize: int) -> None:
+        if csize < fmt.HEADER_SIZE:
+            os.pwrite(node.fd, fmt.encode_header(node.record.file_id, node.block_size), 0)
+
+    def _pad_tail(self, node: Node, old: int, upto_block: int) -> None:
+        """Re-encrypt a partial last block as a full one before the file grows past it."""
+        bs = node.block_size
+        tail_block, used = divmod(old, bs)
+        if used and tail_block < upto_block:
+            tail = self._read_plain(node, tail_block * bs, old)
+            os.pwrite(node.fd, node.cipher.encrypt(tail_block, tail + bytes(bs - used)),
+                      fmt.block_offset(tail_block, bs))
+
+    def _write(self, node: Node, off: int, data: bytes) -> None:
+        bs = node.block_size
+        csize, old = self._plain_size(node)
+        self._ensure_header(node, csize)
+        end = off + len(data)
+        first, last = off // bs, (end - 1) // bs
+        self._pad_tail(node, old, first)
+        start = first * bs
+        stop = min((last + 1) * bs, max(old, end))
+        # Existing plaintext around the write inside its first and last blocks.
+        head = self._read_plain(node, start, min(off, old)) if off > start else b""
+        head += bytes(off - start - len(head))
+        tail = self._read_plain(node, end, stop) if stop > end and end < old else b""
+        tail += bytes(stop - end - len(tail))
+        os.pwrite(node.fd, node.cipher.encrypt(first, b"".join((head, data, tail))),
+                  fmt.block_offset(first, bs))
+
+    def _truncate(self, node: Node, new: int) -> None:
+        bs = node.block_size
+        fd = node.fd
+        csize, old = self._plain_size(node)
+        if new == old and not fmt.torn_tail(csize, bs):
+            return
+        if new == 0:
+            os.ftruncate(fd, 0)
+            return
+        self._ensure_header(node, csize)
+        nb, rem = divmod(new, bs)
+        if new < old:
+            part = self._read_plain(node, nb * bs, new) if rem else b""
+            os.ftruncate(fd, fmt.block_offset(nb, bs))
+        else:
+            self._pad_tail(node, old, nb)
+            if old // bs == nb and old % bs:
+                part = self._read_plain(node, nb * bs, old) + bytes(new - old)
+            else:
+                part = bytes(rem)
+                os.ftruncate(fd, fmt.block_offset(nb, bs))  # blocks in between stay holes
+        if part:
+            os.pwrite(fd, node.cipher.encrypt(nb, part), fmt.block_offset(nb, bs))
+            os.ftruncate(fd, fmt.cipher_size(new, bs))
+
+    # --- open files ---------------------------------------------------------------------
+
+    async def _open_node(self, node: Node, path: bytes) -> None:
+        """Open the backing data file of a node once and load its key (refcounted)."""
+        if node.fd is None:
+            # Always read-write and never O_APPEND: writeback caching makes the kernel
+            # read through write-only handles and pick append offsets itself.
+            node.fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        node.opens += 1
+        try:
+            await self._load_key(node, path, node.fd)
+        except BaseException:
+            self._close_node(node)
+            raise
+
+    def _close_node(self, node: Node) -> None:
+        node.opens -= 1
+        if node.opens == 0:
+            if node.fd is not None:
+                os.close(node.fd)
+            node.fd = None
+            node.cipher = None  # the key cache keeps the DEK for the grace period only
+            if node.lookups <= 0 and node.ino != ROOT:
+                self.nodes.pop(node.ino, None)
+
+    # --- handlers -----------------------------------------------------------------------
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        if name == b".":
+            st = os.lstat(self._path(parent_inode))
+            return self._attr(st, parent_inode)
+        path = self._child(parent_inode, name)
+        st = os.lstat(path)
+        node = self._remember(st, parent_inode, name)
+        return self._attr(st, node.ino)
+
+    async def forget(self, inode_list) -> None:
+        for ino, nlookup in inode_list:
+            node = self.nodes.get(ino)
+            if node is None or ino == ROOT:
+                continue
+            node.lookups -= nlookup
+            if node.lookups <= 0 and node.opens == 0:
+                del self.nodes[ino]
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        return self._attr(self._stat(inode), inode)
+
+    @_fuse_errors
+    async def setattr(self, inode: int, attr, fields, fh, ctx):
+        node = self.nodes.get(inode)
+        # An open file that was unlinked has no path left; its fd still works.
+        unlinked = node is not None and node.fd is not None and not node.links
+        path = None if unlinked else self._path(inode)
+        if fields.update_size:
+            await self._truncate_inode(inode, path, attr.st_size)
+        if fields.update_mode:
+            if unlinked:
+                os.fchmod(node.fd, stat.S_IMODE(attr.st_mode))
+            elif not stat.S_ISLNK(os.lstat(path).st_mode):  # Linux has no lchmod
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if unlinked:
+                os.fchown(node.fd, uid, gid)
+            else:
+                os.chown(path, uid, gid, follow_symlinks=False)
+                if os.path.lexists(bk.sidecar_path(path)):
+                    os.chown(bk.sidecar_path(path), uid, gid, follow_symlinks=False)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(node.fd) if unlinked else os.lstat(path)
+            times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+            if unlinked:
+                os.utime(node.fd, ns=times)
+            else:
+                os.utime(path, ns=times, follow_symlinks=False)
+        return self._attr(self._stat(inode), inode)
+
+    async def _truncate_inode(self, inode: int, path: bytes | None, size: int) -> None:
+        node = self.nodes.get(inode)
+        if node is None:
+            node = self.nodes[inode] = Node(inode)  # kernel-held inode we lost track of
+        if path is not None and stat.S_ISDIR(os.lstat(path).st_mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await self._open_node(node, path if node.fd is None else b"")
+        try:
+            self._truncate(node, size)
+        finally:
+            self._close_node(node)
+
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        path = self._new_name(parent_inode, name)
+        record, dek = await self._new_key()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     stat.S_IMODE(mode))
+        try:
+            self._chown_new(path, ctx, fd)
+            bk.write_sidecar(self.backing, path, record,
+                             *((ctx.uid, ctx.gid) if self.as_root else ()))
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        st = os.fstat(fd)
+        node = self._remember(st, parent_inode, name)
+        if node.fd is not None:  # cannot happen for a new inode, but never leak an fd
+            os.close(node.fd)
+        node.fd = fd
+        node.opens += 1
+        node.record = record
+        node.block_size = self.config.block_size
+        node.cipher = BlockCipher(dek, record.file_id, node.block_size)
+        node.dir_dirty = True
+        return pyfuse3.FileInfo(fh=node.ino), self._attr(st, node.ino)
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx):
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._open_node(node, self._path(inode) if node.fd is None else b"")
+        return pyfuse3.FileInfo(fh=inode)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self.nodes[fh]
+        _, plain = self._plain_size(node)
+        if off >= plain or size == 0:
+            return b""
+        return self._read_plain(node, off, min(off + size, plain))
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if buf:
+            self._write(self.nodes[fh], off, buf)
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        node = self.nodes[fh]
+        (os.fdatasync if datasync else os.fsync)(node.fd)
+        if node.dir_dirty:
+            for parent, _ in list(node.links):
+                bk.fsync_dir(self._path(parent))
+            node.dir_dirty = False
+
+    async def release(self, fh: int) -> None:
+        node = self.nodes.get(fh)
+        if node is not None:
+            self._close_node(node)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        path = self._child(parent_inode, name)
+        st = os.lstat(path)
+        os.unlink(path)
+        if stat.S_ISREG(st.st_mode):
+            bk.remove_sidecar(path)
+        self._drop_link(parent_inode, name, self._ino(st))
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
+        path = self._new_name(parent_inode, name)
+        os.mkdir(path, stat.S_IMODE(mode))
+        self._chown_new(path, ctx)
+        st = os.lstat(path)
+        return self._attr(st, self._remember(st, parent_inode, name).ino)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+        path = self._child(parent_inode, name)
+        st = os.lstat(path)
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY or not self._remove_orphan_sidecars(path):
+                raise
+            os.rmdir(path)
+        self._drop_link(parent_inode, name, self._ino(st))
+
+    def _remove_orphan_sidecars(self, dirpath: bytes) -> bool:
+        """A directory that looks empty in the mount may hold sidecars whose data files are
+        gone (a crash between the two unlinks). Remove those; True if nothing else is left."""
+        names = os.listdir(dirpath)
+        if any(not fmt.is_sidecar_name(n) or n[:-len(fmt.SIDECAR_SUFFIX)] in names
+               for n in names):
+            return False
+        for n in names:
+            os.unlink(os.path.join(dirpath, n))
+        return True
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx) -> None:
+        old = self._child(parent_inode_old, name_old)
+        new = self._new_name(parent_inode_new, name_new)
+        st_old = os.lstat(old)
+        try:
+            st_new = os.lstat(new)
+        except FileNotFoundError:
+            st_new = None
+        # Data first, then the sidecar: an error (ENOTEMPTY, EISDIR, EEXIST...) leaves
+        # everything untouched, and a crash in between is re-paired by fsck via file ids.
+        renameat2(old, new, flags)
+        old_reg = stat.S_ISREG(st_old.st_mode)
+        new_reg = st_new is not None and stat.S_ISREG(st_new.st_mode)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if old_reg and new_reg:
+                self._rename_sidecar(old, new, exchange=True)
+            elif old_reg:
+                self._rename_sidecar(old, new)
+            elif new_reg:
+                self._rename_sidecar(new, old)
+        elif old_reg:
+            self._rename_sidecar(old, new)
+        ino_old = self._ino(st_old)
+        self._drop_link(parent_inode_old, name_old, ino_old)
+        if st_new is not None:
+            ino_new = self._ino(st_new)
+            self._drop_link(parent_inode_new, name_new, ino_new)
+            if flags & pyfuse3.RENAME_EXCHANGE and ino_new in self.nodes:
+                self.nodes[ino_new].links.add((parent_inode_old, name_old))
+        if ino_old in self.nodes:
+            self.nodes[ino_old].links.add((parent_inode_new, name_new))
+
+    def _rename_sidecar(self, old: bytes, new: bytes, exchange: bool = False) -> None:
+        src, dst = bk.sidecar_path(old), bk.sidecar_path(new)
+        if exchange and os.path.lexists(src) and os.path.lexists(dst):
+            renameat2(src, dst, pyfuse3.RENAME_EXCHANGE)
+        elif os.path.lexists(src):
+            os.rename(src, dst)
+        else:
+            # The moved file had no key yet (empty); the name must not keep the old one's.
+            bk.remove_sidecar(new)
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
+        src = self._path(inode)
+        dst = self._new_name(new_parent_inode, new_name)
+        os.link(src, dst, follow_symlinks=False)
+        if os.path.lexists(bk.sidecar_path(src)):
+            try:
+                os.link(bk.sidecar_path(src), bk.sidecar_path(dst))
+            except BaseException:
+                os.unlink(dst)
+                raise
+        st = os.lstat(dst)
+        return self._attr(st, self._remember(st, new_parent_inode, new_name).ino)
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
+        path = self._new_name(parent_inode, name)
+        os.symlink(target, path)
+        self._chown_new(path, ctx)
+        st = os.lstat(path)
+        return self._attr(st, self._remember(st, parent_inode, name).ino)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx) -> bytes:
+        return os.readlink(self._path(inode))
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
+        path = self._new_name(parent_inode, name)
+        os.mknod(path, mode, rdev)
+        self._chown_new(path, ctx)
+        st = os.lstat(path)
+        return self._attr(st, self._remember(st, parent_inode, name).ino)
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx) -> int:
+        # One listing per handle: re-listing on every READDIRPLUS call is quadratic.
+        path = self._path(inode)
+        entries = []
+        with os.scandir(path) as it:
+            for entry in it:
+                if bk.is_reserved(inode == ROOT, entry.name):
+                    continue
+                try:
+                    entries.append((entry.name, entry.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue
+        fh = self._next_dh
+        self._next_dh += 1
+        self.dir_handles[fh] = (inode, entries)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        parent, entries = self.dir_handles[fh]
+        for i in range(start_id, len(entries)):
+            name, st = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(st, self._ino(st)), i + 1):
+                break
+            self._remember(st, parent, name)
+
+    async def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    @_fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        parent, _ = self.dir_handles[fh]
+        bk.fsync_dir(self._path(parent))
+
+    @_fuse_errors
+    async def statfs(self, ctx):
+        sv = os.statvfs(self.backing)
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail"):
+            setattr(out, attr, getattr(sv, attr))
+        out.f_namemax = sv.f_namemax - len(fmt.SIDECAR_SUFFIX)
+        return out
+
+    # Extended attributes: only the control attribute on the root for now. User xattrs
+    # are refused with ENOTSUP rather than stored in the clear.
+    CONTROL_XATTR_PID = b"user.encfs.pid"
+
+    async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        if inode == ROOT and name == self.CONTROL_XATTR_PID:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        return []
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def access(self, inode: int, mode: int, ctx) -> bool:
+        # default_permissions makes the kernel check modes; reaching here means allowed.
+        return True
+
+    def close_all(self) -> None:
+        """At unmount: forgets may never arrive, so drop every open backing fd."""
+        for node in self.nodes.values():
+            if node.fd is not None:
+                os.close(node.fd)
+                node.fd = None
+            node.cipher = None

@@ -1,0 +1,302 @@
+"""`encfs mount BACKING MOUNTPOINT` and `encfs umount MOUNTPOINT`."""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import pyfuse3
+import trio
+
+from kms.client import AsyncKmsClient, KmsClient, KmsError, KmsUnavailable
+from kms.paths import default_data_dir, default_project_id, default_socket_path, SOCKET_ENV
+
+from . import backing as bk
+from .fs import EncFS
+from .keys import DEFAULT_TTL, KeyManager
+
+log = logging.getLogger("encfs")
+
+DEFAULT_KEY = "sfs/default"
+READY_TIMEOUT = 30.0
+LOG_FILE = "mount.log"
+
+
+class UserError(Exception):
+    """A mistake or a missing precondition; printed as one line, exit code 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encfs mount",
+                                description="Mount BACKING (ciphertext) on MOUNTPOINT (plaintext).")
+    p.add_argument("backing")
+    p.add_argument("mountpoint")
+    p.add_argument("--kms-socket", help="KMS Unix socket (default: $KMS_SOCKET or "
+                   f"{default_socket_path()}; a local KMS is started there if none answers)")
+    p.add_argument("--project-id", help="KMS project id (default: $KMS_PROJECT_ID or 'local')")
+    p.add_argument("--key", default=DEFAULT_KEY,
+                   help=f"CMK (id or alias) for new files (default: {DEFAULT_KEY})")
+    p.add_argument("--key-cache-ttl", type=float, default=DEFAULT_TTL, metavar="SECONDS",
+                   help="how long a plaintext DEK stays cached after use (default: 60)")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground until unmounted")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="FUSE mount options, comma separated (e.g. allow_other)")
+    p.add_argument("--log", help="log file when not in the foreground "
+                   "(default: BACKING/.encfs/mount.log)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _mount(args, argv)
+    except UserError as e:
+        print(f"encfs mount: {e}", file=sys.stderr)
+        return 1
+
+
+def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    try:
+        backing, config = bk.open_backing(args.backing)
+    except bk.BackingError as e:
+        raise UserError(str(e)) from None
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise UserError(f"mountpoint {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UserError(f"mountpoint {mountpoint} is busy (something is already mounted there)")
+    if os.path.commonpath([os.fsdecode(backing), mountpoint]) in (os.fsdecode(backing),
+                                                                  mountpoint):
+        raise UserError("backing directory and mountpoint must not contain each other")
+    project_id = args.project_id or default_project_id()
+    socket_path = _kms_socket(args.kms_socket, project_id)
+    key_id = _check_key(socket_path, project_id, args.key)
+
+    if not args.foreground:
+        return _spawn_background(args, argv, backing, mountpoint)
+
+    _setup_logging(args.debug)
+    faulthandler.enable()
+    os.umask(0)  # modes come from the caller's request, already masked by the kernel
+    ops = EncFS(backing, config, None, mountpoint=mountpoint)  # type: ignore[arg-type]
+    options = set(pyfuse3.default_options)
+    # fsname shows the backing dir in mount(8) and df; libfuse splits options on commas.
+    options |= {"fsname=" + os.fsdecode(backing).replace(",", "\\,"), "subtype=encfs"}
+    for opt in args.options:
+        options |= {o for o in opt.split(",") if o}
+    if "allow_other" in options:
+        options.add("default_permissions")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as e:
+        raise UserError(f"cannot mount on {mountpoint}: {e}") from None
+    log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
+    clean = False
+    try:
+        trio.run(_serve, ops, socket_path, project_id, key_id, args.key_cache_ttl)
+        clean = True
+    finally:
+        ops.close_all()
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
+    return 0
+
+
+async def _serve(ops: EncFS, socket_path: str, project_id: str, key_id: str,
+                 ttl: float) -> None:
+    kms = AsyncKmsClient(socket_path, project_id=project_id)
+    ops.keys = KeyManager(kms, key_id, ttl=ttl)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await kms.aclose()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            log.info("signal received, unmounting")
+            pyfuse3.terminate()
+            return
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- KMS --------------------------------------------------------------------------------
+
+def _kms_socket(flag: str | None, project_id: str) -> str:
+    """The KMS socket to use; with neither flag nor $KMS_SOCKET, start a local KMS if none runs."""
+    explicit = flag or os.environ.get(SOCKET_ENV)
+    socket_path = explicit or default_socket_path()
+    if _kms_answers(socket_path, project_id):
+        return socket_path
+    if explicit:
+        try:
+            KmsClient(socket_path, project_id=project_id, timeout=5).call("list-keys",
+                                                                           {"limit": "1"})
+        except KmsError as e:
+            raise UserError(str(e)) from None
+    start_local_kms(socket_path, default_data_dir(), project_id)
+    return socket_path
+
+
+def _kms_answers(socket_path: str, project_id: str) -> bool:
+    try:
+        with KmsClient(socket_path, project_id=project_id, timeout=5) as c:
+            c.call("list-keys", {"limit": "1"})
+        return True
+    except KmsUnavailable:
+        return False
+    except KmsError as e:
+        raise UserError(f"the KMS at {socket_path} refused us: {e}") from None
+
+
+def start_local_kms(socket_path: str, data_dir: str, project_id: str) -> int:
+    """Start `kms serve` detached from us, wait until it answers, return its pid."""
+    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(data_dir, "kms.log")
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kms", "serve", "--socket", socket_path, "--data-dir",
+             data_dir, "--project-id", project_id],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    with open(os.path.join(data_dir, "kms.pid"), "w") as f:
+        f.write(f"{proc.pid}\n")
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not _kms_answers(socket_path, project_id):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise UserError(f"could not start a local KMS (see {log_path})")
+        time.sleep(0.05)
+    print(f"started a local KMS: pid {proc.pid}, socket {socket_path}, data {data_dir}, "
+          f"log {log_path}", file=sys.stderr)
+    return proc.pid
+
+
+def _check_key(socket_path: str, project_id: str, ref: str) -> str:
+    """Resolve the CMK for new files and make sure it can be used now."""
+    try:
+        with KmsClient(socket_path, project_id=project_id) as c:
+            info = c.resolve_key(ref)
+    except KmsError as e:
+        if e.error_code in ("KMS.0207", "KMS.0205"):
+            raise UserError(f"key {ref!r} is unknown to the KMS at {socket_path}; "
+                            f"create it with: kms create-key --alias {ref}") from None
+        raise UserError(f"cannot use key {ref!r}: {e}") from None
+    state = info.get("key_state")
+    if state == "3":
+        raise UserError(f"key {ref!r} ({info['key_id']}) is disabled; "
+                        f"enable it with: kms enable-key {info['key_id']}")
+    if state == "4":
+        raise UserError(f"key {ref!r} ({info['key_id']}) is pending deletion; "
+                        f"cancel with: kms cancel-key-deletion {info['key_id']}")
+    if state != "2":
+        raise UserError(f"key {ref!r} ({info['key_id']}) cannot be used (state {state})")
+    return info["key_id"]
+
+
+# --- background mode --------------------------------------------------------------------
+
+def _spawn_background(args: argparse.Namespace, argv: Sequence[str] | None, backing: bytes,
+                      mountpoint: str) -> int:
+    """Run the mount in a detached child and return once the mountpoint is live."""
+    argv = list(sys.argv[2:] if argv is None else argv)
+    log_path = args.log or os.fsdecode(bk.control_path(backing, LOG_FILE))
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "encfs", "mount", *argv, "--foreground"],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not os.path.ismount(mountpoint):
+        if proc.poll() is not None:
+            tail = _last_line(log_path)
+            raise UserError(f"mount failed: {tail}" if tail else "mount failed")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise UserError(f"mount did not become ready in {READY_TIMEOUT:.0f}s "
+                            f"(see {log_path})")
+        time.sleep(0.02)
+    print(f"mounted {os.fsdecode(backing)} on {mountpoint} (pid {proc.pid}, log {log_path})")
+    return 0
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+# --- umount -----------------------------------------------------------------------------
+
+def _unescape_mounts(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_encfs_mount(mountpoint: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape_mounts(fields[1]) == mountpoint and fields[2] == "fuse.encfs":
+                return True
+    return False
+
+
+def umount_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="encfs umount", description="Flush and unmount.")
+    p.add_argument("mountpoint")
+    args = p.parse_args(argv)
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not is_encfs_mount(mountpoint):
+        print(f"encfs umount: {mountpoint} is not an encfs mount", file=sys.stderr)
+        return 1
+    pid = _daemon_pid(mountpoint)
+    res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+        print(f"encfs umount: {msg}", file=sys.stderr)
+        return 1
+    if pid:
+        _wait_gone(pid, 15.0)
+    return 0
+
+
+def _daemon_pid(mountpoint: str) -> int | None:
+    """The pid of the daemon serving ``mountpoint``: the mount daemon answers the
+    control xattr with it."""
+    try:
+        return int(os.getxattr(mountpoint, "user.encfs.pid"))
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.02)

@@ -1,0 +1,211 @@
+"""pytest fixtures for users of encfs: a real KMS daemon and a real encrypted mount.
+
+Registered through the ``pytest11`` entry point, so any test suite in an environment where
+this package is installed can ask for ``kms_server`` or ``encrypted_mount``. Every process
+the fixtures start is stopped by PID in teardown, and every mount is unmounted, also when
+the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from kms.client import KmsClient, KmsError
+from kms.paths import DEFAULT_PROJECT_ID
+
+START_TIMEOUT = 20.0
+
+
+def _short_tempdir(prefix: str) -> str:
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a process we started, by PID: SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+@dataclass
+class KmsServer:
+    """A running ``kms serve`` on a private socket and data directory."""
+
+    socket_path: str
+    data_dir: str
+    project_id: str
+    log_path: str
+    process: subprocess.Popen
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+
+    @property
+    def client(self) -> KmsClient:
+        return KmsClient(self.socket_path, project_id=self.project_id)
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def start(self) -> None:
+        """(Re)start the daemon on the same socket and data directory."""
+        cmd = [sys.executable, "-m", "kms", "serve", "--socket", self.socket_path,
+               "--data-dir", self.data_dir, "--project-id", self.project_id, *self.extra_args]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=self.env)
+        log.close()
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"kms serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with KmsClient(self.socket_path, project_id=self.project_id, timeout=2) as c:
+                    c.call("list-keys", {"limit": "1"})
+                return
+            except (KmsError, OSError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"kms serve did not answer within {START_TIMEOUT}s:\n{self.log()}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_kms_server(workdir: str | None = None, project_id: str = DEFAULT_PROJECT_ID,
+                     extra_args: list[str] | None = None,
+                     env: dict[str, str] | None = None) -> KmsServer:
+    """Start ``kms serve`` in a fresh directory; the caller must call ``.stop()``."""
+    workdir = workdir or _short_tempdir("kms-")
+    server = KmsServer(socket_path=os.path.join(workdir, "kms.sock"),
+                       data_dir=os.path.join(workdir, "data"), project_id=project_id,
+                       log_path=os.path.join(workdir, "kms.log"), process=None,  # type: ignore[arg-type]
+                       extra_args=list(extra_args or []), env=env)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def kms_server() -> Iterator[KmsServer]:
+    """A real KMS daemon on a temporary socket and data dir, stopped in teardown."""
+    workdir = _short_tempdir("kms-")
+    server = start_kms_server(workdir)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class EncryptedMount:
+    """An encfs mount in a subprocess: ``mountpoint`` (plaintext), ``backing`` (ciphertext)."""
+
+    mountpoint: str
+    backing: str
+    key_id: str
+    kms: KmsServer
+    log_path: str
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def mount(self) -> None:
+        cmd = [sys.executable, "-m", "encfs", "mount", self.backing, self.mountpoint,
+               "--kms-socket", self.kms.socket_path, "--project-id", self.kms.project_id,
+               "--key", self.key_id, "--foreground", *self.extra_args]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.ismount(self.mountpoint):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"encfs mount exited with {self.process.returncode}:\n"
+                                   f"{self.log()}")
+            if time.monotonic() > deadline:
+                self.unmount()
+                raise RuntimeError(f"encfs mount not ready in {START_TIMEOUT}s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def unmount(self) -> int | None:
+        """Unmount (lazily if busy) and stop the daemon; returns its exit code."""
+        if os.path.ismount(self.mountpoint):
+            res = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
+            if res.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+        if self.process is None:
+            return None
+        try:
+            rc = self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            _stop(self.process)
+            rc = self.process.returncode
+        self.process = None
+        return rc
+
+    def remount(self) -> None:
+        rc = self.unmount()
+        if rc not in (0, None):
+            raise RuntimeError(f"encfs exited with {rc} at unmount:\n{self.log()}")
+        self.mount()
+
+    def backing_path(self, rel: str) -> str:
+        return os.path.join(self.backing, rel)
+
+
+def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
+               extra_args: list[str] | None = None) -> EncryptedMount:
+    """Create and mount a fresh backing dir under ``workdir``; the caller unmounts."""
+    backing = os.path.join(workdir, "backing")
+    mountpoint = os.path.join(workdir, "mnt")
+    os.makedirs(backing, exist_ok=True)
+    os.makedirs(mountpoint, exist_ok=True)
+    key_id = kms.client.resolve_key(key)["key_id"]
+    m = EncryptedMount(mountpoint=mountpoint, backing=backing, key_id=key_id, kms=kms,
+                       log_path=os.path.join(workdir, "encfs.log"),
+                       extra_args=list(extra_args or []))
+    m.mount()
+    return m
+
+
+@pytest.fixture
+def encrypted_mount(kms_server: KmsServer) -> Iterator[EncryptedMount]:
+    """A temporary backing dir mounted through encfs against ``kms_server``.
+
+    Unmounted, and its daemon stopped, in teardown even when the test fails.
+    """
+    workdir = _short_tempdir("encfs-")
+    m = make_mount(kms_server, workdir)
+    try:
+        yield m
+    finally:
+        m.unmount()
+        shutil.rmtree(workdir, ignore_errors=True)

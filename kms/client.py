@@ -1,0 +1,388 @@
+"""The one client of the KMS daemon: HTTP/1.1 (h11) over its Unix socket, keep-alive.
+
+``KmsClient`` is synchronous (CLI, tests, scripts); ``AsyncKmsClient`` is for trio (encfs) and
+keeps a small pool of connections so that concurrent tasks do not queue behind one another.
+Both raise ``KmsError`` with Huawei's error code for an error reply, and ``KmsUnavailable``
+(a KmsError with status None) when nothing answers, with a message that says how to start one.
+
+A kept-alive connection may have been closed by the daemon (idle timeout, restart). When a
+request on a *reused* connection fails before any byte of the reply arrived, it is sent once
+more on a fresh connection: the daemon closes idle connections only between requests, so the
+first attempt was not processed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from typing import Any
+
+import h11
+
+from .paths import default_project_id, default_socket_path
+
+_UUID_RE = re.compile(r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}$")
+_MAX_RESPONSE = 16 * 1024 * 1024
+
+
+class KmsError(Exception):
+    """An error reply of the KMS (Huawei's ``{"error": {"error_code", "error_msg"}}``)."""
+
+    def __init__(self, status: int | None, error_code: str, error_msg: str) -> None:
+        super().__init__(f"{error_code}: {error_msg}")
+        self.status = status
+        self.error_code = error_code
+        self.error_msg = error_msg
+
+    def __str__(self) -> str:
+        return f"{self.error_code}: {self.error_msg}"
+
+
+class KmsUnavailable(KmsError):
+    """No KMS answers on the socket (missing, refused, or timed out)."""
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        msg = (f"no KMS answers at {socket_path} ({reason}); start one with: "
+               f"kms serve --socket {socket_path} --data-dir DIR")
+        super().__init__(None, "KMS.UNAVAILABLE", msg)
+        self.socket_path = socket_path
+
+    def __str__(self) -> str:
+        return self.error_msg
+
+
+class _Retry(Exception):
+    """The reused connection was dead before the reply started: send again on a fresh one."""
+
+
+def is_key_id(ref: str) -> bool:
+    return bool(_UUID_RE.match(ref))
+
+
+def _request_bytes(conn: h11.Connection, method: str, path: str, body: dict | None) -> bytes:
+    payload = b"" if body is None and method == "GET" else json.dumps(body or {}).encode()
+    headers = [("Host", "kms"), ("Content-Type", "application/json;charset=utf-8"),
+               ("Content-Length", str(len(payload))), ("Accept", "application/json")]
+    data = conn.send(h11.Request(method=method, target=path, headers=headers))
+    if payload:
+        data += conn.send(h11.Data(data=payload))
+    return data + conn.send(h11.EndOfMessage())
+
+
+def _decode(status: int, data: bytes) -> Any:
+    try:
+        reply = json.loads(data) if data else {}
+    except ValueError:
+        reply = None
+    if status == 200:
+        if reply is None:
+            raise KmsError(status, "KMS.0101", "the KMS sent a reply that is not JSON")
+        return reply
+    err = reply.get("error", reply) if isinstance(reply, dict) else {}
+    if isinstance(err, dict) and "error_code" in err:
+        raise KmsError(status, str(err["error_code"]), str(err.get("error_msg", "")))
+    raise KmsError(status, f"HTTP.{status}", data[:200].decode("utf-8", "replace"))
+
+
+class _Base:
+    def __init__(self, socket_path: str | None, project_id: str | None, timeout: float) -> None:
+        self.socket_path = socket_path or default_socket_path()
+        self.project_id = project_id or default_project_id()
+        self.timeout = timeout
+
+    def _path(self, operation: str) -> str:
+        return f"/v1.0/{self.project_id}/kms/{operation.lstrip('/')}"
+
+    def _unavailable(self, e: BaseException) -> KmsUnavailable:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return KmsUnavailable(self.socket_path, reason)
+
+
+def _datakey_body(key_id: str, aad: str | None, length_bits: int) -> dict:
+    body = {"key_id": key_id, "datakey_length": str(length_bits)}
+    if aad is not None:
+        body["additional_authenticated_data"] = aad
+    return body
+
+
+def _decrypt_body(key_id: str, cipher_text: str, aad: str | None, length_bytes: int) -> dict:
+    body = {"key_id": key_id, "cipher_text": cipher_text, "datakey_cipher_length": str(length_bytes)}
+    if aad is not None:
+        body["additional_authenticated_data"] = aad
+    return body
+
+
+def _dek_of(reply: dict) -> bytes:
+    import hashlib
+    import hmac
+    dek = bytes.fromhex(reply["data_key"])
+    # The daemon sends the digest; checking it catches a corrupted reply cheaply.
+    if not hmac.compare_digest(hashlib.sha256(dek).hexdigest().upper(), reply.get("datakey_dgst", "").upper()):
+        raise KmsError(200, "KMS.2203", "the data key in the reply does not match its digest")
+    return dek
+
+
+class KmsClient(_Base):
+    """Synchronous client; one kept-alive connection; use from one thread at a time."""
+
+    def __init__(self, socket_path: str | None = None, project_id: str | None = None,
+                 timeout: float = 10.0) -> None:
+        super().__init__(socket_path, project_id, timeout)
+        self._sock: socket.socket | None = None
+        self._conn: h11.Connection | None = None
+
+    def __enter__(self) -> "KmsClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+                self._conn = None
+
+    def _connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.socket_path)
+        except OSError as e:
+            s.close()
+            raise self._unavailable(e) from None
+        self._sock = s
+        self._conn = h11.Connection(h11.CLIENT)
+
+    def call(self, operation: str, body: dict | None = None, method: str = "POST") -> Any:
+        """One API call: ``operation`` is the path below ``/v1.0/{project_id}/kms/``."""
+        path = self._path(operation)
+        for attempt in range(2):
+            reused = self._sock is not None
+            if not reused:
+                self._connect()
+            try:
+                status, data = self._roundtrip(method, path, body, reused and attempt == 0)
+            except _Retry:
+                self.close()
+                continue
+            except (OSError, h11.ProtocolError) as e:
+                self.close()
+                raise self._unavailable(e) from None
+            return _decode(status, data)
+        raise KmsUnavailable(self.socket_path, "connection closed twice")   # pragma: no cover
+
+    def _roundtrip(self, method: str, path: str, body: dict | None, may_retry: bool) -> tuple[int, bytes]:
+        sock, conn = self._sock, self._conn
+        assert sock is not None and conn is not None
+        try:
+            sock.sendall(_request_bytes(conn, method, path, body))
+        except (BrokenPipeError, ConnectionResetError):
+            if may_retry:
+                raise _Retry() from None
+            raise
+        status = 0
+        chunks = []
+        got_any = False
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                    if not got_any and may_retry:
+                        raise _Retry() from None
+                    raise
+                if not data and not got_any and may_retry:
+                    raise _Retry()
+                got_any = got_any or bool(data)
+                conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the KMS closed the connection mid-reply")
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            self.close()
+        else:
+            conn.start_next_cycle()
+        return status, b"".join(chunks)
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def resolve_key(self, ref: str) -> dict:
+        """KeyDetails of an alias or key id (extension x-encfs-resolve-key; a default alias such
+        as ``sfs/default`` creates its key on first use)."""
+        return self.call("x-encfs-resolve-key", {"key": ref})["key_info"]
+
+    def key_id(self, ref: str) -> str:
+        return ref if is_key_id(ref) else self.resolve_key(ref)["key_id"]
+
+    def create_key(self, alias: str, description: str | None = None) -> dict:
+        body = {"key_alias": alias}
+        if description is not None:
+            body["key_description"] = description
+        return self.call("create-key", body)["key_info"]
+
+    def describe_key(self, key_id: str) -> dict:
+        return self.call("describe-key", {"key_id": self.key_id(key_id)})["key_info"]
+
+    def create_datakey(self, key_id: str, aad: str | None = None, length_bits: int = 256) -> tuple[bytes, str]:
+        reply = self.call("create-datakey", _datakey_body(self.key_id(key_id), aad, length_bits))
+        return bytes.fromhex(reply["plain_text"]), reply["cipher_text"]
+
+    def decrypt_datakey(self, key_id: str, cipher_text: str, aad: str | None = None,
+                        length_bytes: int = 32) -> bytes:
+        return _dek_of(self.call("decrypt-datakey", _decrypt_body(self.key_id(key_id), cipher_text, aad,
+                                                                  length_bytes)))
+
+
+class _AsyncConn:
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+
+class AsyncKmsClient(_Base):
+    """trio client with a small pool of kept-alive connections; every call is bounded by
+    ``timeout`` and raises KmsUnavailable when it runs out or the socket fails."""
+
+    def __init__(self, socket_path: str | None = None, project_id: str | None = None,
+                 timeout: float = 10.0, max_connections: int = 8) -> None:
+        super().__init__(socket_path, project_id, timeout)
+        import trio
+        self._trio = trio
+        self._idle: list[_AsyncConn] = []
+        self._slots = trio.Semaphore(max_connections)
+        self._closed = False
+
+    async def __aenter__(self) -> "AsyncKmsClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for c in idle:
+            with self._trio.CancelScope(shield=True):
+                await c.stream.aclose()
+
+    async def _open(self) -> _AsyncConn:
+        try:
+            return _AsyncConn(await self._trio.open_unix_socket(self.socket_path))
+        except OSError as e:
+            raise self._unavailable(e) from None
+
+    async def call(self, operation: str, body: dict | None = None, method: str = "POST") -> Any:
+        trio = self._trio
+        if self._closed:
+            raise KmsUnavailable(self.socket_path, "client is closed")
+        path = self._path(operation)
+        try:
+            with trio.fail_after(self.timeout):
+                async with self._slots:
+                    status, data = await self._call_pooled(method, path, body)
+        except trio.TooSlowError:
+            raise KmsUnavailable(self.socket_path, f"no reply within {self.timeout:g}s") from None
+        return _decode(status, data)
+
+    async def _call_pooled(self, method: str, path: str, body: dict | None) -> tuple[int, bytes]:
+        for attempt in range(2):
+            reused = bool(self._idle)
+            c = self._idle.pop() if reused else await self._open()
+            keep = False
+            try:
+                status, data = await self._roundtrip(c, method, path, body, reused and attempt == 0)
+                keep = c.conn.our_state is h11.DONE and c.conn.their_state is h11.DONE
+                if keep:
+                    c.conn.start_next_cycle()
+                return status, data
+            except _Retry:
+                # The daemon closed this kept-alive connection; the other idle ones are most
+                # likely dead too (restart): drop them all and retry on a fresh connection.
+                stale, self._idle = self._idle, []
+                for s in stale:
+                    with self._trio.CancelScope(shield=True):
+                        await s.stream.aclose()
+                continue
+            except (OSError, h11.ProtocolError, self._trio.BrokenResourceError,
+                    self._trio.ClosedResourceError) as e:
+                raise self._unavailable(e) from None
+            finally:
+                if keep and not self._closed:
+                    self._idle.append(c)
+                else:
+                    # Cancelled, failed or told to close: the connection state is unknown.
+                    with self._trio.CancelScope(shield=True):
+                        await c.stream.aclose()
+        raise KmsUnavailable(self.socket_path, "connection closed twice")   # pragma: no cover
+
+    async def _roundtrip(self, c: _AsyncConn, method: str, path: str, body: dict | None,
+                         may_retry: bool) -> tuple[int, bytes]:
+        trio = self._trio
+        try:
+            await c.stream.send_all(_request_bytes(c.conn, method, path, body))
+        except (trio.BrokenResourceError, ConnectionError):
+            if may_retry:
+                raise _Retry() from None
+            raise
+        status = 0
+        chunks = []
+        got_any = False
+        while True:
+            event = c.conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await c.stream.receive_some(65536)
+                except (trio.BrokenResourceError, ConnectionError):
+                    if not got_any and may_retry:
+                        raise _Retry() from None
+                    raise
+                if not data and not got_any and may_retry:
+                    raise _Retry()
+                got_any = got_any or bool(data)
+                c.conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return status, b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the KMS closed the connection mid-reply")
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    async def resolve_key(self, ref: str) -> dict:
+        return (await self.call("x-encfs-resolve-key", {"key": ref}))["key_info"]
+
+    async def key_id(self, ref: str) -> str:
+        return ref if is_key_id(ref) else (await self.resolve_key(ref))["key_id"]
+
+    async def create_key(self, alias: str, description: str | None = None) -> dict:
+        body = {"key_alias": alias}
+        if description is not None:
+            body["key_description"] = description
+        return (await self.call("create-key", body))["key_info"]
+
+    async def describe_key(self, key_id: str) -> dict:
+        return (await self.call("describe-key", {"key_id": await self.key_id(key_id)}))["key_info"]
+
+    async def create_datakey(self, key_id: str, aad: str | None = None,
+                             length_bits: int = 256) -> tuple[bytes, str]:
+        reply = await self.call("create-datakey", _datakey_body(await self.key_id(key_id), aad, length_bits))
+        return bytes.fromhex(reply["plain_text"]), reply["cipher_text"]
+
+    async def decrypt_datakey(self, key_id: str, cipher_text: str, aad: str | None = None,
+                              length_bytes: int = 32) -> bytes:
+        return _dek_of(await self.call("decrypt-datakey", _decrypt_body(await self.key_id(key_id), cipher_text,
+                                                                        aad, length_bytes)))

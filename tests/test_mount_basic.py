@@ -1,0 +1,320 @@
+"""Layer 3: a real mount in a subprocess against a real `kms serve`, with ordinary tools."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import subprocess
+
+import pytest
+
+from encfs import format as fmt
+
+SUFFIX = fmt.SIDECAR_SUFFIX
+MARKER = b"PLAINTEXT-MARKER-7f3a9c"
+
+
+def sh(cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, **kw)
+
+
+def backing_files(m) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(m.backing):
+        dirnames[:] = [d for d in dirnames if not (dirpath == m.backing and d == ".encfs")]
+        out += [os.path.relpath(os.path.join(dirpath, f), m.backing) for f in filenames]
+    return sorted(out)
+
+
+def sidecar(m, rel: str) -> fmt.KeyRecord:
+    with open(os.path.join(m.backing, rel + SUFFIX), "rb") as f:
+        return fmt.decode_sidecar(f.read())
+
+
+def test_echo_cat_and_backing_holds_ciphertext_and_sidecar(encrypted_mount):
+    m = encrypted_mount
+    sh(f"echo hi > {m.mountpoint}/a")
+    assert sh(f"cat {m.mountpoint}/a").stdout == b"hi\n"
+    assert backing_files(m) == ["a", "a" + SUFFIX]
+    raw = open(m.backing_path("a"), "rb").read()
+    assert raw.startswith(fmt.DATA_MAGIC) and b"hi" not in raw[fmt.HEADER_SIZE:]
+    assert len(raw) == fmt.cipher_size(3, 4096)
+    rec = sidecar(m, "a")
+    assert rec.key_id == m.key_id
+    assert fmt.decode_header(raw).file_id == rec.file_id
+
+
+def test_cp_roundtrip_large_unaligned(encrypted_mount, tmp_path):
+    m = encrypted_mount
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 12345))
+    sh(f"cp {src} {m.mountpoint}/big.bin")
+    sh(f"cp {m.mountpoint}/big.bin {tmp_path}/back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+    assert os.path.getsize(f"{m.mountpoint}/big.bin") == src.stat().st_size
+
+
+def test_dd_at_unaligned_offsets(encrypted_mount, tmp_path):
+    m = encrypted_mount
+    target = f"{m.mountpoint}/dd.bin"
+    ref = bytearray()
+    rnd = random.Random(7)
+    for seek, count in [(0, 5000), (4090, 20), (12287, 2), (100, 9000), (30000, 1)]:
+        chunk = bytes(rnd.randrange(256) for _ in range(count))
+        (tmp_path / "chunk").write_bytes(chunk)
+        sh(f"dd if={tmp_path}/chunk of={target} bs=1 seek={seek} conv=notrunc status=none")
+        if len(ref) < seek:
+            ref += bytes(seek - len(ref))
+        ref[seek:seek + count] = chunk
+    assert sh(f"cat {target}").stdout == bytes(ref)
+
+
+def test_python_io_random_offsets_spanning_blocks(encrypted_mount):
+    m = encrypted_mount
+    path = f"{m.mountpoint}/py.bin"
+    rnd = random.Random(42)
+    ref = bytearray()
+    with open(path, "w+b", buffering=0) as f:
+        for _ in range(200):
+            off = rnd.randrange(0, 40000)
+            data = rnd.randbytes(rnd.randrange(1, 9000))
+            f.seek(off)
+            f.write(data)
+            if len(ref) < off:
+                ref += bytes(off - len(ref))
+            ref[off:off + len(data)] = data
+            roff = rnd.randrange(0, len(ref))
+            size = rnd.randrange(1, 10000)
+            f.seek(roff)
+            assert f.read(size) == bytes(ref[roff:roff + size])
+        f.seek(0)
+        assert f.read() == bytes(ref)
+    for _ in range(100):
+        off = rnd.randrange(0, len(ref))
+        size = rnd.randrange(1, 10000)
+        with open(path, "rb") as f:
+            f.seek(off)
+            assert f.read(size) == bytes(ref[off:off + size])
+
+
+def test_no_plaintext_anywhere_in_backing(encrypted_mount):
+    m = encrypted_mount
+    os.makedirs(f"{m.mountpoint}/d/e")
+    for i in range(5):
+        with open(f"{m.mountpoint}/d/e/f{i}", "wb") as f:
+            f.write(MARKER * (1000 * i + 1))
+    sh(f"sync")
+    for rel in backing_files(m):
+        assert MARKER not in open(os.path.join(m.backing, rel), "rb").read(), rel
+    for name in os.listdir(os.path.join(m.backing, ".encfs")):
+        p = os.path.join(m.backing, ".encfs", name)
+        if os.path.isfile(p):
+            assert MARKER not in open(p, "rb").read()
+
+
+def test_one_sidecar_per_file_hidden_from_mount(encrypted_mount):
+    m = encrypted_mount
+    for name in ("x", "y", "z"):
+        open(f"{m.mountpoint}/{name}", "w").write(name)
+    assert sorted(os.listdir(m.mountpoint)) == ["x", "y", "z"]
+    assert backing_files(m) == sorted(["x", "y", "z"] + [n + SUFFIX for n in "xyz"])
+    assert not os.path.exists(f"{m.mountpoint}/x{SUFFIX}")
+    with pytest.raises(OSError) as e:
+        open(f"{m.mountpoint}/new{SUFFIX}", "w")
+    assert e.value.errno == errno.EINVAL
+    assert not os.path.exists(f"{m.mountpoint}/.encfs")
+
+
+def test_remount_reads_identical_bytes(encrypted_mount):
+    m = encrypted_mount
+    data = {f"f{i}": os.urandom(i * 3001) for i in range(6)}
+    os.mkdir(f"{m.mountpoint}/sub")
+    for name, content in data.items():
+        open(f"{m.mountpoint}/sub/{name}", "wb").write(content)
+    m.remount()
+    for name, content in data.items():
+        assert open(f"{m.mountpoint}/sub/{name}", "rb").read() == content
+
+
+def test_files_get_distinct_deks_and_file_ids(encrypted_mount):
+    m = encrypted_mount
+    open(f"{m.mountpoint}/one", "w").write("same content")
+    open(f"{m.mountpoint}/two", "w").write("same content")
+    a, b = sidecar(m, "one"), sidecar(m, "two")
+    assert a.file_id != b.file_id
+    assert a.wrapped_dek != b.wrapped_dek
+    assert open(m.backing_path("one"), "rb").read() != open(m.backing_path("two"), "rb").read()
+    # Each wrapped DEK unwraps at the KMS only with its own file id as AAD.
+    dek_a = m.kms.client.decrypt_datakey(a.key_id, a.cipher_text, aad=a.file_id.hex())
+    dek_b = m.kms.client.decrypt_datakey(b.key_id, b.cipher_text, aad=b.file_id.hex())
+    assert dek_a != dek_b and len(dek_a) == 32
+
+
+def test_unlink_removes_both_halves(encrypted_mount):
+    m = encrypted_mount
+    open(f"{m.mountpoint}/gone", "w").write("x")
+    os.unlink(f"{m.mountpoint}/gone")
+    assert backing_files(m) == []
+    with pytest.raises(FileNotFoundError):
+        os.unlink(f"{m.mountpoint}/gone")
+
+
+def test_truncate_down_and_up_unaligned(encrypted_mount):
+    m = encrypted_mount
+    path = f"{m.mountpoint}/t"
+    data = os.urandom(20000)
+    open(path, "wb").write(data)
+    ref = bytearray(data)
+    for size in (12345, 4096, 4097, 100, 9000, 0, 5000, 70001, 3):
+        os.truncate(path, size)
+        if size < len(ref):
+            del ref[size:]
+        else:
+            ref += bytes(size - len(ref))
+        assert os.path.getsize(path) == size
+        assert open(path, "rb").read() == bytes(ref), size
+        with open(path, "r+b") as f:  # write again after each truncate
+            f.seek(size // 2)
+            f.write(b"W" * 10)
+        ref[size // 2:size // 2 + 10] = b"W" * 10
+        del ref[max(size, size // 2 + 10):]
+    m.remount()
+    assert open(path, "rb").read() == bytes(ref)
+
+
+def test_sparse_write_far_past_end_stays_sparse(encrypted_mount):
+    m = encrypted_mount
+    path = f"{m.mountpoint}/sparse"
+    with open(path, "wb") as f:
+        f.write(b"start")
+        f.seek(512 * 1024 * 1024)
+        f.write(b"end")
+    assert os.path.getsize(path) == 512 * 1024 * 1024 + 3
+    st = os.stat(m.backing_path("sparse"))
+    assert st.st_blocks * 512 < 1024 * 1024  # holes, not 512 MiB of ciphertext
+    with open(path, "rb") as f:
+        assert f.read(5) == b"start"
+        f.seek(100 * 1024 * 1024)
+        assert f.read(8192) == bytes(8192)
+        f.seek(512 * 1024 * 1024 - 2)
+        assert f.read() == b"\0\0end"
+
+
+def test_directories_rename_and_listing(encrypted_mount):
+    m = encrypted_mount
+    mp = m.mountpoint
+    os.makedirs(f"{mp}/a/b")
+    open(f"{mp}/a/b/file", "w").write("content")
+    os.rename(f"{mp}/a", f"{mp}/c")
+    assert open(f"{mp}/c/b/file").read() == "content"
+    assert os.path.exists(m.backing_path("c/b/file" + SUFFIX))
+    os.rename(f"{mp}/c/b/file", f"{mp}/moved")
+    assert open(f"{mp}/moved").read() == "content"
+    assert backing_files(m) == ["moved", "moved" + SUFFIX]
+    with pytest.raises(OSError) as e:
+        os.rmdir(f"{mp}/c")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.rmdir(f"{mp}/c/b")
+    os.rmdir(f"{mp}/c")
+    assert os.listdir(mp) == ["moved"]
+    names = [f"n{i:04d}" for i in range(300)]
+    os.mkdir(f"{mp}/many")
+    for n in names:
+        open(f"{mp}/many/{n}", "w").close()
+    assert sorted(os.listdir(f"{mp}/many")) == names
+
+
+def test_rename_over_existing_file(encrypted_mount):
+    m = encrypted_mount
+    mp = m.mountpoint
+    open(f"{mp}/src", "w").write("new")
+    open(f"{mp}/dst", "w").write("old old old")
+    src_id = sidecar(m, "src").file_id
+    os.rename(f"{mp}/src", f"{mp}/dst")
+    assert open(f"{mp}/dst").read() == "new"
+    assert sidecar(m, "dst").file_id == src_id
+    assert backing_files(m) == ["dst", "dst" + SUFFIX]
+    m.remount()
+    assert open(f"{mp}/dst").read() == "new"
+
+
+def test_chmod_utimens_and_stat(encrypted_mount):
+    m = encrypted_mount
+    path = f"{m.mountpoint}/meta"
+    open(path, "w").write("12345")
+    os.chmod(path, 0o640)
+    os.utime(path, ns=(1_600_000_000_123_456_789, 1_650_000_000_987_654_321))
+    st = os.stat(path)
+    assert oct(st.st_mode & 0o7777) == oct(0o640)
+    assert st.st_mtime_ns == 1_650_000_000_987_654_321
+    assert st.st_atime_ns == 1_600_000_000_123_456_789
+    assert st.st_size == 5
+    bst = os.stat(m.backing_path("meta"))
+    assert bst.st_mtime_ns == st.st_mtime_ns and bst.st_mode == st.st_mode
+
+
+def test_statfs_reduces_name_limit(encrypted_mount):
+    m = encrypted_mount
+    assert os.statvfs(m.mountpoint).f_namemax == \
+        os.statvfs(m.backing).f_namemax - len(SUFFIX)
+    longest = "n" * (255 - len(SUFFIX))
+    open(f"{m.mountpoint}/{longest}", "w").write("ok")
+    with pytest.raises(OSError) as e:
+        open(f"{m.mountpoint}/{longest}x", "w")
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_fsync_and_open_unlink_keeps_working(encrypted_mount):
+    m = encrypted_mount
+    path = f"{m.mountpoint}/tmpfile"
+    f = open(path, "w+b")
+    f.write(b"before unlink " * 1000)
+    f.flush()
+    os.fsync(f.fileno())
+    os.unlink(path)
+    assert not os.path.exists(path)
+    f.write(b"after")
+    f.flush()
+    f.seek(0)
+    assert f.read() == b"before unlink " * 1000 + b"after"
+    f.close()
+    assert backing_files(m) == []
+
+
+def test_tampered_block_gives_eio_and_log_line(encrypted_mount):
+    m = encrypted_mount
+    path = f"{m.mountpoint}/victim"
+    data = os.urandom(3 * 4096)
+    open(path, "wb").write(data)
+    m.remount()  # drop the kernel's page cache of the file
+    raw = bytearray(open(m.backing_path("victim"), "rb").read())
+    raw[fmt.block_offset(1, 4096) + 40] ^= 0xFF
+    open(m.backing_path("victim"), "r+b").write(raw)
+    with open(path, "rb", buffering=0) as f:
+        assert f.read(4096) == data[:4096]
+        f.seek(2 * 4096)
+        assert f.read(4096) == data[2 * 4096:]
+        f.seek(4096)
+        with pytest.raises(OSError) as e:
+            f.read(4096)
+        assert e.value.errno == errno.EIO
+    log = m.log()
+    assert "victim" in log and "block 1" in log and m.backing_path("victim") in log
+
+
+def test_sha256_of_many_files_through_tar(encrypted_mount, tmp_path):
+    m = encrypted_mount
+    src = tmp_path / "tree"
+    for i in range(40):
+        d = src / f"d{i % 5}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(i * 977))
+    sh(f"tar -C {tmp_path} -cf {tmp_path}/t.tar tree")
+    sh(f"tar -C {m.mountpoint} -xf {tmp_path}/t.tar")
+    for i in range(40):
+        rel = f"tree/d{i % 5}/f{i}"
+        a = hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()
+        b = hashlib.sha256(open(f"{m.mountpoint}/{rel}", "rb").read()).hexdigest()
+        assert a == b

@@ -1,0 +1,150 @@
+"""Layer 3: the `encfs mount` / `encfs umount` command lines, their errors and background mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ENCFS = [sys.executable, "-m", "encfs"]
+
+
+def run(args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(ENCFS + args, capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def one_line_error(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def dirs():
+    work = tempfile.mkdtemp(prefix="encfs-cli-", dir="/tmp")
+    backing, mnt = os.path.join(work, "backing"), os.path.join(work, "mnt")
+    os.makedirs(backing)
+    os.makedirs(mnt)
+    daemons: list[int] = []
+    try:
+        yield work, backing, mnt, daemons
+    finally:
+        # Background mounts are not our children: unmount, then stop them by PID.
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        for pid in daemons:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def mount_pid(mnt: str) -> int:
+    return int(os.getxattr(mnt, "user.encfs.pid"))
+
+
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_missing_backing_dir(kms_server, dirs):
+    work, _, mnt, _ = dirs
+    res = run(["mount", f"{work}/nope", mnt, "--kms-socket", kms_server.socket_path])
+    assert "backing directory" in one_line_error(res) and "does not exist" in res.stderr
+
+
+def test_kms_unreachable_says_how_to_start_one(dirs):
+    work, backing, mnt, _ = dirs
+    res = run(["mount", backing, mnt, "--kms-socket", f"{work}/no.sock"])
+    line = one_line_error(res)
+    assert "kms serve" in line and f"{work}/no.sock" in line
+    assert not os.path.ismount(mnt)
+
+
+def test_unknown_key(kms_server, dirs):
+    _, backing, mnt, _ = dirs
+    res = run(["mount", backing, mnt, "--kms-socket", kms_server.socket_path,
+               "--key", "no-such-key"])
+    assert "no-such-key" in one_line_error(res) and "kms create-key" in res.stderr
+
+
+def test_disabled_key(kms_server, dirs):
+    _, backing, mnt, _ = dirs
+    c = kms_server.client
+    key_id = c.create_key("tenant-a")["key_id"]
+    c.call("disable-key", {"key_id": key_id})
+    res = run(["mount", backing, mnt, "--kms-socket", kms_server.socket_path,
+               "--key", "tenant-a"])
+    assert "disabled" in one_line_error(res) and "kms enable-key" in res.stderr
+
+
+@pytest.mark.fuse
+def test_background_mount_then_umount(kms_server, dirs):
+    _, backing, mnt, daemons = dirs
+    res = run(["mount", backing, mnt, "--kms-socket", kms_server.socket_path])
+    assert res.returncode == 0, res.stderr
+    assert os.path.ismount(mnt)
+    pid = mount_pid(mnt)
+    daemons.append(pid)
+    with open(f"{mnt}/a", "w") as f:
+        f.write("hi\n")
+    assert open(f"{mnt}/a").read() == "hi\n"
+    busy = run(["mount", backing, mnt, "--kms-socket", kms_server.socket_path])
+    assert "busy" in one_line_error(busy)
+    res = run(["umount", mnt])
+    assert res.returncode == 0, res.stderr
+    assert not os.path.ismount(mnt)
+    assert wait_gone(pid)
+    assert sorted(os.listdir(backing)) == [".encfs", "a", "a.sfskey"]
+    again = run(["umount", mnt])
+    assert "not an encfs mount" in one_line_error(again)
+
+
+@pytest.mark.fuse
+def test_mount_starts_a_local_kms_with_default_key(dirs):
+    """No --kms-socket and no $KMS_SOCKET: mount starts `kms serve` at the default path."""
+    work, backing, mnt, daemons = dirs
+    env = dict(os.environ)
+    env.pop("KMS_SOCKET", None)
+    env.pop("KMS_DATA_DIR", None)
+    env["XDG_RUNTIME_DIR"] = f"{work}/run"
+    env["XDG_DATA_HOME"] = f"{work}/share"
+    os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700)
+    try:
+        res = run(["mount", backing, mnt], env=env)
+        kms_pid_file = f"{work}/share/encfs-kms/kms.pid"
+        if os.path.exists(kms_pid_file):
+            daemons.append(int(open(kms_pid_file).read()))
+        assert res.returncode == 0, res.stderr
+        assert "started a local KMS" in res.stderr
+        daemons.insert(0, mount_pid(mnt))
+        with open(f"{mnt}/a", "w") as f:
+            f.write("hi\n")
+        assert open(f"{mnt}/a").read() == "hi\n"
+        assert os.path.exists(f"{work}/run/encfs-kms.sock")
+        assert run(["umount", mnt]).returncode == 0
+    finally:
+        for pid in daemons:  # stop the KMS we caused to start, by PID
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in daemons:
+            assert wait_gone(pid)
