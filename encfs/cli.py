@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from . import mount
+from . import fsck, mount, recovery
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "mount": (mount.main, "mount BACKING on MOUNTPOINT"),
     "umount": (mount.umount_main, "flush and unmount MOUNTPOINT"),
+    "fsck": (fsck.main, "check (and --repair) an unmounted BACKING dir"),
+    "inspect": (recovery.inspect_main, "show a file's CMK, key version, file id (never the DEK)"),
+    "decrypt": (recovery.decrypt_main, "write a backing file's plaintext to stdout (recovery)"),
 }
 
 

@@ -222,3 +222,25 @@ def is_sidecar_name(name: bytes | str) -> bool:
 
 def sidecar_name(name: bytes) -> bytes:
     return name + SIDECAR_SUFFIX.encode()
+
+
+# --- extended attributes ---------------------------------------------------------------
+
+#: A ``user.*`` value as stored in the backing file's xattr of the same name:
+#: version u8 | nonce(12) | AES-256-GCM ciphertext | tag(16), encrypted with the file's DEK.
+XATTR_VERSION = 1
+XATTR_OVERHEAD = 1 + NONCE_SIZE + TAG_SIZE  # 29
+XATTR_AAD_LABEL = b"encfs-xattr"
+#: Names under this prefix belong to encfs (control attributes); hidden and refused.
+RESERVED_XATTR_PREFIX = b"user.encfs."
+
+
+def xattr_aad(file_id: bytes, name: bytes) -> bytes:
+    """AAD of an encrypted xattr value: label, format version, file id, full name.
+
+    Binding the name stops a value being moved to another attribute; binding the file id
+    stops it being moved to another file (every file has its own DEK anyway).
+    """
+    if len(file_id) != FILE_ID_SIZE:
+        raise FormatError("file id must be 16 bytes")
+    return XATTR_AAD_LABEL + struct.pack(">H", FORMAT_VERSION) + file_id + name

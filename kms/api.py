@@ -42,7 +42,7 @@ _KEY_ID_RE = re.compile(r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a
 _ALIAS_RE = re.compile(r"^[a-zA-Z0-9:/_-]{1,255}$")
 _GRANT_ID_RE = re.compile(r"^[A-Fa-f0-9]{64}$")
 _PRINCIPAL_RE = re.compile(r"^[a-zA-Z0-9._-]{1,64}$")
-_DIGITS_RE = re.compile(r"^[0-9]{1,12}$")
+_DIGITS_RE = re.compile(r"^[0-9]{1,15}$")
 _HEX_RE = re.compile(r"^[0-9A-Fa-f]*$")
 
 # Huawei's HTTP status per error code (reference §6); everything unlisted is 400.
@@ -317,8 +317,8 @@ class Kms:
         if not _KEY_ID_RE.match(key_id):
             raise KmsApiError("KMS.0205", f"{name} is not a valid key id")
         k = self._lookup(key_id)
-        grant_id = self._authorise(ctx.caller, k, None if owner_only else op)
-        ctx.touch(k.key_id, grant_id)
+        ctx.touch(k.key_id)     # before the check: refused attempts are audited with their key
+        ctx.touched[-1] = (k.key_id, self._authorise(ctx.caller, k, None if owner_only else op))
         return k
 
     def _authorise(self, caller: Caller, k: KeyRecord, op: str | None, any_grant: bool = False) -> str:
@@ -456,7 +456,8 @@ def _resolve_key(self: Kms, ctx: _Ctx, body: dict, _: dict) -> dict:
     ref = _str(body, "key", required=True)
     if _KEY_ID_RE.match(ref):
         k = self._lookup(ref)
-        ctx.touch(k.key_id, self._authorise(ctx.caller, k, None, any_grant=True))
+        ctx.touch(k.key_id)
+        ctx.touched[-1] = (k.key_id, self._authorise(ctx.caller, k, None, any_grant=True))
     else:
         k = self.store.key_by_alias(ctx.caller.principal, ref)
         if k is None and ref in DEFAULT_ALIASES:

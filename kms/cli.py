@@ -412,6 +412,10 @@ def _serve(a: argparse.Namespace) -> int:
         if not sep or not port.isdigit():
             raise UsageError(f"--listen {a.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8443")
         listen = (host.strip("[]") or "127.0.0.1", int(port))
+        if listen[0] not in ("127.0.0.1", "::1", "localhost"):
+            # Plain HTTP: signatures stop forgery, but bodies (data keys!) travel in the clear.
+            logging.getLogger("kms").warning("--listen %s is not a loopback address: replies, including "
+                                             "plaintext data keys, cross the network unencrypted", a.listen)
         if not a.credentials:
             raise UsageError("--listen needs --credentials FILE (Huawei access-key CSV)")
         try:

@@ -13,6 +13,8 @@ first attempt was not processed.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import socket
@@ -114,8 +116,6 @@ def _decrypt_body(key_id: str, cipher_text: str, aad: str | None, length_bytes: 
 
 
 def _dek_of(reply: dict) -> bytes:
-    import hashlib
-    import hmac
     dek = bytes.fromhex(reply["data_key"])
     # The daemon sends the digest; checking it catches a corrupted reply cheaply.
     if not hmac.compare_digest(hashlib.sha256(dek).hexdigest().upper(), reply.get("datakey_dgst", "").upper()):

@@ -18,6 +18,7 @@ then replace the in-memory record; readers see either the old or the new immutab
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fcntl
 import json
@@ -282,7 +283,8 @@ class Store:
         self._db = self._open(os.path.join(self.data_dir, KEYS_DB), "FULL", _KEYS_SCHEMA)
         self._audit_db = self._open(os.path.join(self.data_dir, AUDIT_DB), "NORMAL", _AUDIT_SCHEMA)
         self._audit_lock = threading.Lock()
-        self._audit_pending: list[AuditRecord] = []
+        # A deque: append (event loop) and popleft (flush, maybe in a worker thread) are atomic.
+        self._audit_pending: collections.deque[AuditRecord] = collections.deque()
         self._load()
 
     @staticmethod
@@ -549,7 +551,12 @@ class Store:
 
     def flush_audit(self) -> None:
         with self._audit_lock:
-            rows, self._audit_pending = self._audit_pending, []
+            rows = []
+            while True:
+                try:
+                    rows.append(self._audit_pending.popleft())
+                except IndexError:
+                    break
             if not rows:
                 return
             with _Tx(self._audit_db) as db:

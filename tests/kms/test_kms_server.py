@@ -205,3 +205,25 @@ def test_pipelined_and_malformed_http(kms_server):
         rest += chunk
     assert rest.startswith(b"HTTP/1.1 400")
     s.close()
+
+
+def test_stalled_connection_does_not_block_others(kms_server):
+    """A client that sends half a request (or nothing) holds only its own connection task."""
+    import socket
+    stalled = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(kms_server.socket_path)
+        s.sendall(b"POST /v1.0/local/kms/create-key HTTP/1.1\r\nHost: kms\r\nContent-Length: 100\r\n\r\n{")
+        stalled.append(s)
+    idle = socket.socket(socket.AF_UNIX)
+    idle.connect(kms_server.socket_path)
+    try:
+        with KmsClient(kms_server.socket_path, timeout=3) as c:
+            kid = c.create_key("not/blocked")["key_id"]
+            for _ in range(20):
+                dek, ct = c.create_datakey(kid)
+                assert c.decrypt_datakey(kid, ct) == dek
+    finally:
+        for s in stalled + [idle]:
+            s.close()

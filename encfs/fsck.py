@@ -1,0 +1,334 @@
+"""`encfs fsck BACKING [--repair] [--json] [--no-kms]`: check, and repair, a backing dir offline.
+
+Exit codes, as fsck(8): 0 clean; 1 problems were found and all repaired; 4 problems
+remain; 8 fsck could not run (mounted, no such directory, KMS unreachable).
+
+Repairs never delete user data: halves are re-paired by file id, leftover temporary files
+are removed, and what cannot be repaired is moved to ``lost+found/`` in the backing dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from kms.client import KmsClient, KmsError
+
+from . import backing as bk
+from . import format as fmt
+from .mounts import mount_of_backing
+from .offline import Pair, bad_blocks, kms_client, read_data_header, read_record, unwrap
+
+EXIT_CLEAN, EXIT_REPAIRED, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 4, 8
+LOST_FOUND = b"lost+found"
+REPORT_DIR = "fsck-reports"
+
+
+@dataclass
+class Problem:
+    kind: str
+    path: str  # relative to the backing dir
+    detail: str
+    repaired: str | None = None
+
+
+@dataclass
+class Report:
+    backing: str
+    files: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, kind: str, path: bytes | str, detail: str) -> Problem:
+        p = Problem(kind, os.fsdecode(path), detail)
+        self.problems.append(p)
+        return p
+
+    @property
+    def exit_code(self) -> int:
+        if not self.problems:
+            return EXIT_CLEAN
+        return EXIT_REPAIRED if all(p.repaired for p in self.problems) else EXIT_PROBLEMS
+
+
+class Fsck:
+    def __init__(self, backing: bytes, client: KmsClient | None, repair: bool,
+                 progress: bool = False):
+        self.backing = backing
+        self.client = client
+        self.repair = repair
+        self.progress = progress
+        self.report = Report(os.fsdecode(backing))
+        self._pair_problems: dict[bytes, Problem] = {}  # data path -> its pairing problem
+        self._parked_paths: set[bytes] = set()
+
+    # --- walking ------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        data_files: list[bytes] = []
+        sidecars: list[bytes] = []
+        for dirpath, dirnames, filenames in os.walk(self.backing):
+            if dirpath == self.backing:
+                dirnames[:] = [d for d in dirnames if d not in (bk.CONTROL_DIR, LOST_FOUND)]
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                if fmt.is_sidecar_name(name):
+                    sidecars.append(path)
+                elif name in filenames and stat.S_ISREG(os.lstat(path).st_mode):
+                    data_files.append(path)
+        total = len(data_files)
+        self.report.files = total
+        pairs: list[Pair] = []
+        for i, path in enumerate(data_files, 1):
+            pair = self._check_data_file(path)
+            if pair is not None:
+                pairs.append(pair)
+            if self.progress and (i % 50 == 0 or i == total):
+                print(f"\rfsck: {i}/{total} files", end="", file=sys.stderr, flush=True)
+        if self.progress and total:
+            print(file=sys.stderr)
+        self._check_pairing(pairs, sidecars)
+        self._check_temp_files()
+        self._check_keys(pairs)
+        return self.report
+
+    def _rel(self, path: bytes) -> bytes:
+        return os.path.relpath(path, self.backing)
+
+    def _check_data_file(self, path: bytes) -> Pair | None:
+        rel = self._rel(path)
+        try:
+            size, header = read_data_header(path)
+        except fmt.FormatError as e:
+            self._to_lost_found(self.report.add("bad-header", rel, str(e)), path)
+            return None
+        pair = Pair(path, size, header, None)
+        if header is not None and fmt.torn_tail(size, header.block_size):
+            p = self.report.add("torn-block", rel, "data file ends in a fragment shorter "
+                                "than a block's nonce and tag (an interrupted write)")
+            self._cut_torn_tail(p, pair)
+        try:
+            pair.record = read_record(path)
+        except fmt.FormatError as e:
+            self._pair_problems[path] = self.report.add("bad-sidecar", rel, str(e))
+        return pair
+
+    # --- pairing ------------------------------------------------------------------------
+
+    def _check_pairing(self, pairs: list[Pair], sidecars: list[bytes]) -> None:
+        """Every data file with content needs the sidecar with its file id beside it."""
+        available: dict[bytes, bytes] = {}  # file id -> a sidecar path holding it
+        for side in sidecars + self._temp_files():
+            rec = self._parse_sidecar(side)
+            if rec is not None:
+                available.setdefault(rec.file_id, side)
+            elif side not in self._pair_problems and not self._is_temp(side):
+                self._to_lost_found(self.report.add(
+                    "bad-sidecar", self._rel(side), "damaged or not a regular file"), side)
+        claimed: set[bytes] = set()
+        for pair in pairs:
+            if pair.header is None:
+                continue  # empty: needs no key
+            dest = bk.sidecar_path(pair.data_path)
+            if pair.record is not None and pair.record.file_id == pair.header.file_id:
+                claimed.add(dest)
+                continue
+            problem = self._pair_problems.get(pair.data_path) or self.report.add(
+                "missing-sidecar" if pair.record is None else "file-id-mismatch",
+                self._rel(pair.data_path), "data file has no sidecar" if pair.record is None
+                else "its sidecar belongs to another file")
+            src = available.get(pair.header.file_id)
+            if src is None:
+                problem.detail += "; no sidecar with its file id exists"
+                self._to_lost_found(problem, pair.data_path)
+                continue
+            if not self.repair:
+                problem.detail += f"; its sidecar is {os.fsdecode(self._rel(src))}"
+                claimed.add(src)
+                continue
+            if src != dest and os.path.lexists(dest):
+                self._park(dest, available)
+            os.rename(available[pair.header.file_id], dest)
+            available[pair.header.file_id] = dest
+            claimed.add(dest)
+            problem.repaired = "re-paired with its own sidecar (by file id)"
+        for fid, side in available.items():
+            if side in claimed or self._is_temp(side) and not self._parked(side):
+                continue
+            data = side[:-len(fmt.SIDECAR_SUFFIX)] if fmt.is_sidecar_name(side) else None
+            if data is not None and os.path.lexists(data):
+                continue  # the sidecar of an empty file, or reported with its data file
+            p = self.report.add("orphan-sidecar", self._rel(side),
+                                f"sidecar of file id {fid.hex()} has no data file")
+            self._to_lost_found(p, side)
+
+    def _parse_sidecar(self, side: bytes) -> fmt.KeyRecord | None:
+        try:
+            if not stat.S_ISREG(os.lstat(side).st_mode):
+                return None
+            with open(side, "rb") as f:
+                return fmt.decode_sidecar(f.read(fmt.SIDECAR_SIZE + 1))
+        except (fmt.FormatError, OSError):
+            return None
+
+    def _park(self, side: bytes, available: dict[bytes, bytes]) -> None:
+        """Move a wrong sidecar out of the way, where pairing can still find it."""
+        rec = self._parse_sidecar(side)
+        if rec is None:
+            problem = self._pair_problems.get(side[:-len(fmt.SIDECAR_SUFFIX)])
+            self._to_lost_found(problem or self.report.add(
+                "bad-sidecar", self._rel(side), "damaged"), side)
+            return
+        parked = bk.tmp_path(self.backing)
+        os.rename(side, parked)
+        self._parked_paths.add(parked)
+        if available.get(rec.file_id) == side:
+            available[rec.file_id] = parked
+
+    def _parked(self, path: bytes) -> bool:
+        return path in self._parked_paths
+
+    def _temp_files(self) -> list[bytes]:
+        tmp = bk.control_path(self.backing, bk.TMP_DIR)
+        try:
+            return [os.path.join(tmp, n) for n in os.listdir(tmp)]
+        except FileNotFoundError:
+            return []
+
+    def _is_temp(self, path: bytes) -> bool:
+        return os.path.dirname(path) == bk.control_path(self.backing, bk.TMP_DIR)
+
+    def _check_temp_files(self) -> None:
+        for path in self._temp_files():
+            p = self.report.add("temp-file", self._rel(path), "leftover temporary file of "
+                                "an interrupted write")
+            if self.repair:
+                os.unlink(path)
+                p.repaired = "removed"
+
+    # --- keys and blocks ----------------------------------------------------------------
+
+    def _check_keys(self, pairs: list[Pair]) -> None:
+        if self.client is None:
+            return
+        for pair in pairs:
+            rec, header = pair.record, pair.header
+            if rec is None or header is None or rec.file_id != header.file_id:
+                continue
+            rel = self._rel(pair.data_path)
+            try:
+                dek = unwrap(self.client, rec)
+            except KmsError as e:
+                self.report.add("key-unusable", rel, f"cannot unwrap its DEK with CMK "
+                                f"{rec.key_id}: {e}")
+                continue
+            bad = bad_blocks(pair, dek)
+            if bad:
+                detail = ", ".join(f"block {n}: {why}" for n, why in bad[:10])
+                if len(bad) > 10:
+                    detail += f", and {len(bad) - 10} more"
+                p = self.report.add("bad-block", rel, detail)
+                self._to_lost_found(p, pair.data_path)
+
+    # --- repairs ------------------------------------------------------------------------
+
+    def _to_lost_found(self, problem: Problem, path: bytes) -> None:
+        """Move a file (and its sidecar) out of the tree, keeping every byte."""
+        if not self.repair:
+            return
+        lf = os.path.join(self.backing, LOST_FOUND)
+        os.makedirs(lf, mode=0o700, exist_ok=True)
+        flat = self._rel(path).replace(b"/", b"%")
+        dest = os.path.join(lf, flat)
+        n = 1
+        while os.path.lexists(dest):
+            n += 1
+            dest = os.path.join(lf, flat + b"~%d" % n)
+        os.rename(path, dest)
+        if not fmt.is_sidecar_name(path) and os.path.lexists(bk.sidecar_path(path)):
+            os.rename(bk.sidecar_path(path), bk.sidecar_path(dest))
+        problem.repaired = f"moved to {os.fsdecode(self._rel(dest))}"
+
+    def _cut_torn_tail(self, problem: Problem, pair: Pair) -> None:
+        """Drop the fragment of an interrupted block write, after saving a full copy."""
+        if not self.repair:
+            return
+        lf = os.path.join(self.backing, LOST_FOUND)
+        os.makedirs(lf, mode=0o700, exist_ok=True)
+        copy = os.path.join(lf, self._rel(pair.data_path).replace(b"/", b"%") + b".torn")
+        with open(pair.data_path, "rb") as src, open(copy, "xb") as dst:
+            dst.write(src.read())
+        if os.path.lexists(bk.sidecar_path(pair.data_path)):  # keep the copy readable
+            os.link(bk.sidecar_path(pair.data_path), bk.sidecar_path(copy))
+        cbs = fmt.cipher_block_size(pair.header.block_size)
+        keep = fmt.HEADER_SIZE + (pair.size - fmt.HEADER_SIZE) // cbs * cbs
+        os.truncate(pair.data_path, keep)
+        pair.size = keep
+        problem.repaired = f"cut to {keep} bytes; the original is {os.fsdecode(self._rel(copy))}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encfs fsck", description=__doc__.split("\n\n")[0])
+    p.add_argument("backing")
+    p.add_argument("--repair", action="store_true", help="repair what can be repaired")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-kms", action="store_true",
+                   help="skip the checks that need the KMS (DEK unwrap, block tags)")
+    p.add_argument("--kms-socket")
+    p.add_argument("--project-id")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    backing = os.path.abspath(args.backing)
+    if not os.path.isdir(backing):
+        print(f"encfs fsck: {backing} is not a directory", file=sys.stderr)
+        return EXIT_ERROR
+    mounted = mount_of_backing(backing)
+    if mounted is not None:
+        print(f"encfs fsck: {backing} is mounted on {mounted.mountpoint}; "
+              f"unmount it first (encfs umount {mounted.mountpoint})", file=sys.stderr)
+        return EXIT_ERROR
+    client = None
+    if not args.no_kms:
+        client = kms_client(args.kms_socket, args.project_id)
+        try:
+            client.call("list-keys", {"limit": "1"})
+        except KmsError as e:
+            print(f"encfs fsck: {e} (or run with --no-kms)", file=sys.stderr)
+            return EXIT_ERROR
+    started = time.time()
+    fsck = Fsck(os.fsencode(backing), client, args.repair,
+                progress=sys.stderr.isatty() and not args.json)
+    report = fsck.run()
+    if client is not None:
+        client.close()
+    _save_report(fsck.backing, report, started)
+    if args.json:
+        print(json.dumps({**asdict(report), "exit_code": report.exit_code}, indent=1))
+    else:
+        for p in report.problems:
+            fixed = f"  [repaired: {p.repaired}]" if p.repaired else ""
+            print(f"{p.kind}: {p.path}: {p.detail}{fixed}")
+        left = sum(1 for p in report.problems if not p.repaired)
+        print(f"{report.files} files checked, {len(report.problems)} problems, "
+              f"{left} left" + ("" if args.repair or not left else
+                                " (run with --repair to repair what can be)"))
+    return report.exit_code
+
+
+def _save_report(backing: bytes, report: Report, started: float) -> None:
+    """Keep a record of what a repairing run changed, beside the control files."""
+    if not any(p.repaired for p in report.problems):
+        return
+    d = bk.control_path(backing, REPORT_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + ".json"
+    with open(os.path.join(d, name.encode()), "w") as f:
+        json.dump(asdict(report), f, indent=1)

@@ -1,0 +1,50 @@
+"""Which encfs mounts exist: read from /proc/self/mounts (fsname = backing dir)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+FSTYPE = "fuse.encfs"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    backing: str
+    mountpoint: str
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def encfs_mounts() -> list[MountEntry]:
+    with open("/proc/self/mounts") as f:
+        rows = [line.split() for line in f]
+    return [MountEntry(_unescape(r[0]), _unescape(r[1])) for r in rows if r[2] == FSTYPE]
+
+
+def mount_of_mountpoint(mountpoint: str) -> MountEntry | None:
+    mountpoint = os.path.abspath(mountpoint)
+    return next((m for m in encfs_mounts() if m.mountpoint == mountpoint), None)
+
+
+def mount_of_backing(backing: str) -> MountEntry | None:
+    backing = os.path.realpath(backing)
+    return next((m for m in encfs_mounts() if os.path.realpath(m.backing) == backing), None)
+
+
+def backing_path_of(path: str) -> str:
+    """Map a path inside an encfs mount to its backing path; other paths are returned as
+    they are (already a backing path)."""
+    real = os.path.realpath(path)
+    best = None
+    for m in encfs_mounts():
+        if real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/"):
+            if best is None or len(m.mountpoint) > len(best.mountpoint):
+                best = m
+    if best is None:
+        return path
+    return os.path.join(best.backing, os.path.relpath(real, best.mountpoint))
