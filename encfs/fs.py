@@ -2,8 +2,13 @@
 
 Every handler runs on the one trio thread. Handlers that do not ``await`` are atomic with
 respect to each other, which is what makes read-modify-write of a block and truncate safe
-without further locks; the only awaits are KMS calls (key loading, new files), which are
-made before any backing change they guard and serialised per inode by ``Node.key_lock``.
+without further locks (the per-inode lock the design asks for is the trio thread itself):
+`read`, `write` and `_truncate` never await, so two writes to one inode, even unaligned
+overlapping ones arriving in parallel from the writeback cache, cannot interleave between
+reading a block and writing it back. The only awaits are KMS calls (key loading, new
+files), which are made before any backing change they guard and serialised per inode by
+``Node.key_lock``. Whoever adds an ``await`` (a thread offload, say) inside the content
+path must add a real per-inode lock around it first.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import trio
 
 from . import backing as bk
 from . import format as fmt
+from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
 from .keys import KeyError_, KeyManager
 from .renameat2 import renameat2
@@ -36,8 +42,8 @@ class Node:
     a directory needs no update of its descendants.
     """
 
-    __slots__ = ("ino", "links", "lookups", "opens", "fd", "cipher", "record", "key_lock",
-                 "block_size", "dir_dirty")
+    __slots__ = ("ino", "links", "lookups", "opens", "fd", "cipher", "xattr", "record",
+                 "key_lock", "block_size", "dir_dirty")
 
     def __init__(self, ino: int):
         self.ino = ino
@@ -46,6 +52,7 @@ class Node:
         self.opens = 0
         self.fd: int | None = None
         self.cipher: BlockCipher | None = None
+        self.xattr: xa.XattrCipher | None = None
         self.record: fmt.KeyRecord | None = None
         self.key_lock = trio.Lock()
         self.block_size: int | None = None
@@ -67,17 +74,32 @@ def _fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+#: Kernel cache settings. The defaults assume encfs is the only writer of the backing dir:
+#: 1 s entry/attribute timeouts (as gocryptfs), the writeback cache (the kernel merges small
+#: writes into pages and up to 1 MiB requests) and keep_cache (page cache survives reopen).
+DEFAULT_CACHE_TIMEOUT = 1.0
+
+
 class EncFS(pyfuse3.Operations):
     enable_writeback_cache = True
+    # POSIX ACLs are passed through to the backing files, so the kernel enforces them under
+    # default_permissions exactly as on the backing filesystem.
+    enable_acl = True
 
     def __init__(self, backing: bytes, config: bk.BackingConfig, keys: KeyManager,
-                 mountpoint: str = "", cache_timeout: float = 1.0):
+                 mountpoint: str = "", cache_timeout: float = DEFAULT_CACHE_TIMEOUT,
+                 shared_backing: bool = False):
         super().__init__()
         self.backing = backing
         self.config = config
         self.keys = keys
         self.mountpoint = mountpoint
-        self.timeout = cache_timeout
+        # --shared-backing: other writers touch the backing dir, so the kernel must not
+        # trust anything it cached: no timeouts, no writeback cache (the kernel's size and
+        # mtime would override the backing's), no page cache kept across opens.
+        self.timeout = 0.0 if shared_backing else cache_timeout
+        self.enable_writeback_cache = not shared_backing
+        self.keep_cache = not shared_backing
         self.root_ino = os.lstat(backing).st_ino
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
         self.nodes[ROOT].lookups = 1
@@ -216,6 +238,7 @@ class EncFS(pyfuse3.Operations):
             node.block_size = header.block_size if header else self.config.block_size
             node.record = record
             node.cipher = BlockCipher(dek, record.file_id, node.block_size)
+            node.xattr = xa.XattrCipher(dek, record.file_id)
 
     async def _new_key(self) -> tuple[fmt.KeyRecord, bytes]:
         try:
@@ -333,6 +356,7 @@ class EncFS(pyfuse3.Operations):
                 os.close(node.fd)
             node.fd = None
             node.cipher = None  # the key cache keeps the DEK for the grace period only
+            node.xattr = None
             if node.lookups <= 0 and node.ino != ROOT:
                 self.nodes.pop(node.ino, None)
 
@@ -428,8 +452,9 @@ class EncFS(pyfuse3.Operations):
         node.record = record
         node.block_size = self.config.block_size
         node.cipher = BlockCipher(dek, record.file_id, node.block_size)
+        node.xattr = xa.XattrCipher(dek, record.file_id)
         node.dir_dirty = True
-        return pyfuse3.FileInfo(fh=node.ino), self._attr(st, node.ino)
+        return pyfuse3.FileInfo(fh=node.ino, keep_cache=self.keep_cache), self._attr(st, node.ino)
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx):
@@ -437,7 +462,16 @@ class EncFS(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         await self._open_node(node, self._path(inode) if node.fd is None else b"")
-        return pyfuse3.FileInfo(fh=inode)
+        if flags & os.O_TRUNC:  # only if the kernel hands us O_TRUNC (atomic_o_trunc)
+            try:
+                self._truncate(node, 0)
+            except BaseException:
+                self._close_node(node)
+                raise
+        # O_APPEND and O_DIRECT need nothing here: the backing fd is shared and never
+        # O_APPEND (the kernel picks append offsets), and O_DIRECT requests reach `read` and
+        # `write` like any other, just without the page cache.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=self.keep_cache)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -520,6 +554,11 @@ class EncFS(pyfuse3.Operations):
             st_new = os.lstat(new)
         except FileNotFoundError:
             st_new = None
+        if (st_new is not None and st_new.st_ino == st_old.st_ino
+                and st_new.st_dev == st_old.st_dev):
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            return  # two names of one inode: rename(2) does nothing (EXCHANGE too)
         # Data first, then the sidecar: an error (ENOTEMPTY, EISDIR, EEXIST...) leaves
         # everything untouched, and a crash in between is re-paired by fsck via file ids.
         renameat2(old, new, flags)
@@ -558,6 +597,13 @@ class EncFS(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
         src = self._path(inode)
         dst = self._new_name(new_parent_inode, new_name)
+        node = self.nodes.get(inode)
+        if (node is not None and stat.S_ISREG(os.lstat(src).st_mode)
+                and not os.path.lexists(bk.sidecar_path(src))):
+            # An empty file made outside the mount has no key yet; give it one now, or
+            # the key created later under one name would be missing under the other.
+            await self._open_node(node, src if node.fd is None else b"")
+            self._close_node(node)
         os.link(src, dst, follow_symlinks=False)
         if os.path.lexists(bk.sidecar_path(src)):
             try:
@@ -632,23 +678,84 @@ class EncFS(pyfuse3.Operations):
         out.f_namemax = sv.f_namemax - len(fmt.SIDECAR_SUFFIX)
         return out
 
-    # Extended attributes: only the control attribute on the root for now. User xattrs
-    # are refused with ENOTSUP rather than stored in the clear.
+    # --- extended attributes (policy and value format: encfs/xattrs.py, docs/FORMAT.md) -----
+
     CONTROL_XATTR_PID = b"user.encfs.pid"
 
+    def _xattr_call(self, inode: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call an os.*xattr function on the backing object of ``inode``: its open fd when
+        it has no name left (open, then unlinked), else its path (never following links)."""
+        node = self.nodes.get(inode)
+        if node is not None and node.fd is not None and not node.links:
+            return fn(node.fd, *args)
+        return fn(self._path(inode), *args, follow_symlinks=False)
+
+    async def _xattr_cipher(self, inode: int) -> xa.XattrCipher:
+        """The value cipher of a regular file (loads its key; may create one for an empty
+        file made outside the mount)."""
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._open_node(node, self._path(inode) if node.fd is None else b"")
+        try:
+            assert node.xattr is not None
+            return node.xattr
+        finally:
+            self._close_node(node)
+
+    def _check_xattr_name(self, name: bytes, setting: bool) -> xa.Kind:
+        kind = xa.classify(name)
+        if kind is xa.Kind.RESERVED:
+            raise pyfuse3.FUSEError(bk.reserved_errno() if setting else pyfuse3.ENOATTR)
+        if kind is xa.Kind.UNSUPPORTED:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        return kind
+
+    @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
         if inode == ROOT and name == self.CONTROL_XATTR_PID:
             return str(os.getpid()).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        kind = self._check_xattr_name(name, setting=False)
+        # Absent attributes (the common case: the kernel asks for security.capability
+        # before every write) are answered without touching the key.
+        blob = self._xattr_call(inode, os.getxattr, name)
+        if kind is xa.Kind.PLAIN:
+            return blob
+        if not stat.S_ISREG(self._stat(inode).st_mode):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # not ours: set outside the mount
+        cipher = await self._xattr_cipher(inode)
+        try:
+            return cipher.decrypt(name, blob)
+        except xa.XattrAuthError as e:
+            path = self._any_path(self.nodes[inode])
+            log.error("%s (backing %s): xattr %s: %s",
+                      self._display(path) if path else f"inode {inode}",
+                      os.fsdecode(path) if path else "unlinked", os.fsdecode(name), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @_fuse_errors
     async def listxattr(self, inode: int, ctx) -> list[bytes]:
-        return []
+        names = [os.fsencode(n) for n in self._xattr_call(inode, os.listxattr)]
+        regular = stat.S_ISREG(self._stat(inode).st_mode)
+        return [n for n in names if xa.visible(n)
+                and (regular or xa.classify(n) is not xa.Kind.ENCRYPTED)]
 
+    @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        kind = self._check_xattr_name(name, setting=True)
+        if kind is xa.Kind.ENCRYPTED:
+            if not stat.S_ISREG(self._stat(inode).st_mode):
+                # Only regular files have a DEK to encrypt with (docs/FORMAT.md).
+                raise pyfuse3.FUSEError(errno.ENOTSUP)
+            value = (await self._xattr_cipher(inode)).encrypt(name, value)
+        self._xattr_call(inode, os.setxattr, name, value)
 
+    @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        kind = self._check_xattr_name(name, setting=True)
+        if kind is xa.Kind.ENCRYPTED and not stat.S_ISREG(self._stat(inode).st_mode):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        self._xattr_call(inode, os.removexattr, name)
 
     async def access(self, inode: int, mode: int, ctx) -> bool:
         # default_permissions makes the kernel check modes; reaching here means allowed.

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay in the foreground until unmounted")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="FUSE mount options, comma separated (e.g. allow_other)")
+    p.add_argument("--shared-backing", action="store_true",
+                   help="other programs also write to BACKING: turn kernel caching down "
+                   "(0 s entry/attribute timeouts, no writeback cache, no keep_cache)")
     p.add_argument("--log", help="log file when not in the foreground "
                    "(default: BACKING/.encfs/mount.log)")
     p.add_argument("--debug", action="store_true", help="log every request")
@@ -88,7 +91,8 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     _setup_logging(args.debug)
     faulthandler.enable()
     os.umask(0)  # modes come from the caller's request, already masked by the kernel
-    ops = EncFS(backing, config, None, mountpoint=mountpoint)  # type: ignore[arg-type]
+    ops = EncFS(backing, config, None, mountpoint=mountpoint,  # type: ignore[arg-type]
+                shared_backing=args.shared_backing)
     options = set(pyfuse3.default_options)
     # fsname shows the backing dir in mount(8) and df; libfuse splits options on commas.
     options |= {"fsname=" + os.fsdecode(backing).replace(",", "\\,"), "subtype=encfs"}

@@ -26,7 +26,7 @@ def _kms_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--project-id")
 
 
-def _key_version(rec: fmt.KeyRecord) -> int | None:
+def key_version(rec: fmt.KeyRecord) -> int | None:
     """The CMK version named inside a wrapped DEK of our KMS (opaque for other KMSes)."""
     try:
         from kms import blob
@@ -50,7 +50,7 @@ def describe(path: str, socket: str | None = None, project_id: str | None = None
     if rec is None:
         info["sidecar"] = None
         return info
-    info.update(file_id=rec.file_id.hex(), cmk_id=rec.key_id, key_version=_key_version(rec),
+    info.update(file_id=rec.file_id.hex(), cmk_id=rec.key_id, key_version=key_version(rec),
                 record_sequence=rec.seq, dek_bits=rec.dek_bytes * 8,
                 created=datetime.fromtimestamp(rec.created_ns / 1e9, timezone.utc)
                 .isoformat(timespec="seconds"))

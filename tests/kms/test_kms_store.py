@@ -95,3 +95,21 @@ def test_rotation_and_destroy(tmp_path):
     assert s.get_key(k.key_id).destroyed_ms is not None
     assert s.material(k.key_id, 2) is None
     s.close()
+
+
+def test_destroyed_material_leaves_no_trace_in_files(tmp_path):
+    d = tmp_path / "data"
+    s = Store(str(d))
+    k = s.create_key(owner="uid:1", alias="a", description="")
+    s.rotate_key(k.key_id)
+    keep = s.create_key(owner="uid:1", alias="b", description="")
+    db = sqlite3.connect(d / "keys.db")
+    wrapped = [w for (w,) in db.execute("SELECT wrapped FROM key_versions WHERE key_id=?", (k.key_id,))]
+    db.close()
+    assert len(wrapped) == 2
+    s.destroy_key(k.key_id)
+    for name in os.listdir(d):                  # also while the daemon still runs (WAL files)
+        data = (d / name).read_bytes()
+        assert not any(w in data for w in wrapped), name
+    assert s.material(keep.key_id, 1) is not None
+    s.close()
