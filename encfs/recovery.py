@@ -16,6 +16,7 @@ from typing import Sequence
 from kms.client import KmsError
 
 from . import format as fmt
+from .backing import CONTROL_DIR
 from .cipher import BlockAuthError
 from .mounts import backing_path_of
 from .offline import kms_client, plaintext_chunks, read_pair, unwrap
@@ -70,10 +71,15 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                                 description="Show what a file's sidecar and header say "
                                             "(never the DEK).")
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="a file in a mount, or a backing data file")
+                   help="a file in a mount, or a backing data file; with --file-id, the "
+                        "backing dir or mountpoint to search")
+    p.add_argument("--file-id", metavar="HEX",
+                   help="list the files with this file id (as `kms audit` shows it)")
     p.add_argument("--json", action="store_true")
     _kms_args(p)
     args = p.parse_args(argv)
+    if args.file_id:
+        return _find_file_id(args.paths, args.file_id, args.json)
     out, rc = [], 0
     for path in args.paths:
         try:
@@ -92,6 +98,39 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             if len(out) > 1:
                 print()
     return rc
+
+
+def files_with_id(top: str, file_id: bytes) -> list[str]:
+    """Backing paths of the data files whose sidecar holds ``file_id`` (hard links: all)."""
+    found = []
+    backing = os.fsencode(backing_path_of(top))
+    for dirpath, dirnames, filenames in os.walk(backing):
+        dirnames[:] = [d for d in dirnames if d != CONTROL_DIR]
+        for name in filenames:
+            if not fmt.is_sidecar_name(name):
+                continue
+            side = os.path.join(dirpath, name)
+            try:
+                with open(side, "rb") as f:
+                    rec = fmt.decode_sidecar(f.read(fmt.SIDECAR_SIZE + 1))
+            except (OSError, fmt.FormatError):
+                continue
+            if rec.file_id == file_id:
+                found.append(os.fsdecode(side[:-len(fmt.SIDECAR_SUFFIX)]))
+    return sorted(found)
+
+
+def _find_file_id(tops: list[str], hex_id: str, as_json: bool) -> int:
+    try:
+        file_id = bytes.fromhex(hex_id)
+        if len(file_id) != fmt.FILE_ID_SIZE:
+            raise ValueError
+    except ValueError:
+        print(f"encfs inspect: --file-id takes 32 hex digits, not {hex_id!r}", file=sys.stderr)
+        return 2
+    found = [p for top in tops for p in files_with_id(top, file_id)]
+    print(json.dumps(found, indent=1) if as_json else "\n".join(found))
+    return 0 if found else 1
 
 
 def decrypt_main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The one client of the KMS daemon: HTTP/1.1 (h11) over its Unix socket, keep-alive.
+"""The one client of the KMS daemon: HTTP/1.1 over its Unix socket, keep-alive.
 
 ``KmsClient`` is synchronous (CLI, tests, scripts); ``AsyncKmsClient`` is for trio (encfs) and
 keeps a small pool of connections so that concurrent tasks do not queue behind one another.
@@ -151,10 +151,8 @@ class _Response:
             except ValueError:
                 raise _BadReply("bad chunk size") from None
             if size == 0:
-                j = self.buf.find(b"\r\n\r\n", i - 2 if i >= 2 else 0) if i > 0 else -1
-                if self.buf[i + 2:i + 4] == b"\r\n" or j >= 0:
-                    return True
-                return False
+                rest = self.buf[i + 2:]         # optional trailers, then an empty line
+                return rest.startswith(b"\r\n") or b"\r\n\r\n" in rest
             if len(self.buf) < i + 2 + size + 2:
                 return False
             self.body += self.buf[i + 2:i + 2 + size]
@@ -219,7 +217,6 @@ class KmsClient(_Base):
                  timeout: float = 10.0) -> None:
         super().__init__(socket_path, project_id, timeout)
         self._sock: socket.socket | None = None
-        self._conn: h11.Connection | None = None
 
     def __enter__(self) -> "KmsClient":
         return self
@@ -233,7 +230,6 @@ class KmsClient(_Base):
                 self._sock.close()
             finally:
                 self._sock = None
-                self._conn = None
 
     def _connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -244,65 +240,43 @@ class KmsClient(_Base):
             s.close()
             raise self._unavailable(e) from None
         self._sock = s
-        self._conn = h11.Connection(h11.CLIENT)
 
     def call(self, operation: str, body: dict | None = None, method: str = "POST") -> Any:
         """One API call: ``operation`` is the path below ``/v1.0/{project_id}/kms/``."""
-        path = self._path(operation)
+        request = _request_bytes(method, self._path(operation), body)
         for attempt in range(2):
             reused = self._sock is not None
             if not reused:
                 self._connect()
             try:
-                status, data = self._roundtrip(method, path, body, reused and attempt == 0)
+                reply = self._roundtrip(request, reused and attempt == 0)
             except _Retry:
                 self.close()
                 continue
-            except (OSError, h11.ProtocolError) as e:
+            except (OSError, _BadReply) as e:
                 self.close()
                 raise self._unavailable(e) from None
-            return _decode(status, data)
+            if reply.close:
+                self.close()
+            return _decode(reply.status, bytes(reply.body))
         raise KmsUnavailable(self.socket_path, "connection closed twice")   # pragma: no cover
 
-    def _roundtrip(self, method: str, path: str, body: dict | None, may_retry: bool) -> tuple[int, bytes]:
-        sock, conn = self._sock, self._conn
-        assert sock is not None and conn is not None
+    def _roundtrip(self, request: bytes, may_retry: bool) -> _Response:
+        sock = self._sock
+        assert sock is not None
+        reply = _Response()
         try:
-            sock.sendall(_request_bytes(conn, method, path, body))
+            sock.sendall(request)
+            while True:
+                data = sock.recv(65536)
+                if not data and not reply.got_any and may_retry:
+                    raise _Retry()
+                if reply.feed(data):
+                    return reply
         except (BrokenPipeError, ConnectionResetError):
-            if may_retry:
+            if may_retry and not reply.got_any:
                 raise _Retry() from None
             raise
-        status = 0
-        chunks = []
-        got_any = False
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = sock.recv(65536)
-                except ConnectionResetError:
-                    data = b""
-                    if not got_any and may_retry:
-                        raise _Retry() from None
-                    raise
-                if not data and not got_any and may_retry:
-                    raise _Retry()
-                got_any = got_any or bool(data)
-                conn.receive_data(data)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionResetError("the KMS closed the connection mid-reply")
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-            self.close()
-        else:
-            conn.start_next_cycle()
-        return status, b"".join(chunks)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -336,7 +310,6 @@ class KmsClient(_Base):
 class _AsyncConn:
     def __init__(self, stream) -> None:
         self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT)
 
 
 class AsyncKmsClient(_Base):
@@ -385,16 +358,15 @@ class AsyncKmsClient(_Base):
         return _decode(status, data)
 
     async def _call_pooled(self, method: str, path: str, body: dict | None) -> tuple[int, bytes]:
+        request = _request_bytes(method, path, body)
         for attempt in range(2):
             reused = bool(self._idle)
             c = self._idle.pop() if reused else await self._open()
             keep = False
             try:
-                status, data = await self._roundtrip(c, method, path, body, reused and attempt == 0)
-                keep = c.conn.our_state is h11.DONE and c.conn.their_state is h11.DONE
-                if keep:
-                    c.conn.start_next_cycle()
-                return status, data
+                reply = await self._roundtrip(c, request, reused and attempt == 0)
+                keep = not reply.close
+                return reply.status, bytes(reply.body)
             except _Retry:
                 # The daemon closed this kept-alive connection; the other idle ones are most
                 # likely dead too (restart): drop them all and retry on a fresh connection.
@@ -403,8 +375,7 @@ class AsyncKmsClient(_Base):
                     with self._trio.CancelScope(shield=True):
                         await s.stream.aclose()
                 continue
-            except (OSError, h11.ProtocolError, self._trio.BrokenResourceError,
-                    self._trio.ClosedResourceError) as e:
+            except (OSError, _BadReply, self._trio.BrokenResourceError, self._trio.ClosedResourceError) as e:
                 raise self._unavailable(e) from None
             finally:
                 if keep and not self._closed:
@@ -415,39 +386,21 @@ class AsyncKmsClient(_Base):
                         await c.stream.aclose()
         raise KmsUnavailable(self.socket_path, "connection closed twice")   # pragma: no cover
 
-    async def _roundtrip(self, c: _AsyncConn, method: str, path: str, body: dict | None,
-                         may_retry: bool) -> tuple[int, bytes]:
+    async def _roundtrip(self, c: _AsyncConn, request: bytes, may_retry: bool) -> _Response:
         trio = self._trio
+        reply = _Response()
         try:
-            await c.stream.send_all(_request_bytes(c.conn, method, path, body))
+            await c.stream.send_all(request)
+            while True:
+                data = await c.stream.receive_some(65536)
+                if not data and not reply.got_any and may_retry:
+                    raise _Retry()
+                if reply.feed(data):
+                    return reply
         except (trio.BrokenResourceError, ConnectionError):
-            if may_retry:
+            if may_retry and not reply.got_any:
                 raise _Retry() from None
             raise
-        status = 0
-        chunks = []
-        got_any = False
-        while True:
-            event = c.conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await c.stream.receive_some(65536)
-                except (trio.BrokenResourceError, ConnectionError):
-                    if not got_any and may_retry:
-                        raise _Retry() from None
-                    raise
-                if not data and not got_any and may_retry:
-                    raise _Retry()
-                got_any = got_any or bool(data)
-                c.conn.receive_data(data)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return status, b"".join(chunks)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionResetError("the KMS closed the connection mid-reply")
 
     # ---- helpers -------------------------------------------------------------------------
 

@@ -158,5 +158,8 @@ def test_inspect_and_decrypt(populated):
     info2 = json.loads(encfs(m, "inspect", f"{m.mountpoint}/dir/c", "--json", check_rc=0).stdout)
     assert info2["file_id"] == info["file_id"]
     m.unmount()
+    found = encfs(m, "inspect", "--file-id", rec.file_id.hex(), m.backing, check_rc=0)
+    assert found.stdout.decode().split() == [f"{m.backing}/dir/c"]
+    assert encfs(m, "inspect", "--file-id", "00" * 16, m.backing).returncode == 1
     bad = encfs(m, "decrypt", f"{m.backing}/nope")
     assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1
