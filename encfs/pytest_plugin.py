@@ -122,6 +122,11 @@ def kms_server() -> Iterator[KmsServer]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _in_mount_table(mountpoint: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == mountpoint for line in f)
+
+
 @dataclass
 class EncryptedMount:
     """An encfs mount in a subprocess: ``mountpoint`` (plaintext), ``backing`` (ciphertext)."""
@@ -157,7 +162,7 @@ class EncryptedMount:
 
     def unmount(self) -> int | None:
         """Unmount (lazily if busy) and stop the daemon; returns its exit code."""
-        if os.path.ismount(self.mountpoint):
+        if _in_mount_table(self.mountpoint):  # also a dead mount, whose stat fails
             res = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
             if res.returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)

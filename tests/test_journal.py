@@ -1,0 +1,103 @@
+"""The intent journal: a crash between the steps of a change is finished by replay."""
+
+import os
+
+import pytest
+
+from encfs.journal import Journal, RENAME_EXCHANGE
+from encfs.renameat2 import renameat2
+
+S = b".sfskey"
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = bytes(tmp_path)
+    ctl = os.path.join(root, b".encfs")
+    os.makedirs(ctl)
+    return root, Journal(ctl)
+
+
+def put(path: bytes, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read(path: bytes) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("crash_after", [0, 1, 2])
+def test_rename_over_existing(tree, crash_after):
+    root, j = tree
+    a, b = os.path.join(root, b"a"), os.path.join(root, b"b")
+    put(a, b"A"), put(a + S, b"kA"), put(b, b"B"), put(b + S, b"kB")
+    intent = j.rename(a, b, 0, a + S, b + S)
+    if crash_after >= 1:
+        os.rename(a, b)
+    if crash_after >= 2:
+        os.rename(a + S, b + S)
+        j.done(intent)
+    lines = j.replay()
+    assert len(lines) == (0 if crash_after == 2 else 1)
+    if crash_after == 0:
+        assert (read(a), read(a + S), read(b), read(b + S)) == (b"A", b"kA", b"B", b"kB")
+    else:
+        assert (read(b), read(b + S)) == (b"A", b"kA")
+        assert not os.path.exists(a) and not os.path.exists(a + S)
+    assert j.pending() == []
+
+
+def test_rename_of_a_file_without_key_drops_the_targets_sidecar(tree):
+    root, j = tree
+    a, b = os.path.join(root, b"a"), os.path.join(root, b"b")
+    put(a, b""), put(b, b"B"), put(b + S, b"kB")
+    j.rename(a, b, 0, None, b + S)
+    os.rename(a, b)
+    j.replay()
+    assert read(b) == b"" and not os.path.exists(b + S)
+
+
+def test_exchange(tree):
+    root, j = tree
+    a, b = os.path.join(root, b"a"), os.path.join(root, b"b")
+    put(a, b"A"), put(a + S, b"kA"), put(b, b"B"), put(b + S, b"kB")
+    j.rename(a, b, RENAME_EXCHANGE, a + S, b + S)
+    renameat2(a, b, RENAME_EXCHANGE)
+    j.replay()
+    assert (read(a), read(a + S), read(b), read(b + S)) == (b"B", b"kB", b"A", b"kA")
+
+
+@pytest.mark.parametrize("crash_after", [0, 1, 2])
+def test_file_steps_redo(tree, crash_after):
+    root, j = tree
+    f = os.path.join(root, b"f")
+    put(f, b"x" * 100)
+    steps = [("truncate", 40), ("pwrite", 30, b"NEW"), ("truncate", 33)]
+    j.file_steps(f, os.lstat(f).st_ino, steps)
+    fd = os.open(f, os.O_RDWR)
+    for step in steps[:crash_after]:
+        os.ftruncate(fd, step[1]) if step[0] == "truncate" else os.pwrite(fd, step[2], step[1])
+    os.close(fd)
+    j.replay()
+    assert read(f) == b"x" * 30 + b"NEW"
+
+
+def test_intent_for_another_inode_is_left_alone(tree):
+    root, j = tree
+    f = os.path.join(root, b"f")
+    put(f, b"old")
+    j.file_steps(f, os.lstat(f).st_ino, [("truncate", 0)])
+    other = os.path.join(root, b"other")
+    put(other, b"a different file")
+    os.rename(other, f)  # a new inode now holds the name
+    [line] = j.replay()
+    assert "left alone" in line and read(f) == b"a different file"
+
+
+def test_damaged_intent_is_reported_not_fatal(tree):
+    root, j = tree
+    put(os.path.join(j.dir, b"9-9.json"), b"{not json")
+    [line] = j.replay()
+    assert "damaged" in line and j.pending() == []
