@@ -1000,7 +1000,7 @@ def _project_tags(self: Kms, ctx: _Ctx, body: dict, _: dict) -> dict:
             for t, v in tags:
                 if v not in merged.setdefault(t, []):
                     merged[t].append(v)
-    return {"tags": [{"key": t, "values": vs} for t, vs in sorted(merged.items())]}
+    return {"tags": [{"key": t, "values": sorted(vs)} for t, vs in sorted(merged.items())]}
 
 
 @_route("POST", "{resource_instances}/action")

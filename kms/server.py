@@ -10,6 +10,7 @@ the audit flush and the periodic sweep (deletion and rotation).
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -84,6 +85,9 @@ class Server:
         self.kms = Kms(store)
         self._writes = trio.CapacityLimiter(1)
         self._sock_ino: int | None = None
+        # Request ids: unique per daemon run, cheaper than a uuid4 per request.
+        self._id_prefix = uuid.uuid4().hex[:20]
+        self._request_ids = itertools.count(1)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -304,7 +308,7 @@ class Server:
     async def _send(self, conn: h11.Connection, stream: trio.SocketStream, result: Result, close: bool = False) -> None:
         payload = json.dumps(result.body, separators=(",", ":")).encode()
         headers = [("Content-Type", "application/json;charset=UTF-8"), ("Content-Length", str(len(payload))),
-                   ("X-Request-Id", uuid.uuid4().hex)]
+                   ("X-Request-Id", f"{self._id_prefix}{next(self._request_ids):012x}")]
         if close:
             headers.append(("Connection", "close"))
         reason = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",

@@ -227,3 +227,21 @@ def test_stalled_connection_does_not_block_others(kms_server):
     finally:
         for s in stalled + [idle]:
             s.close()
+
+
+def test_response_parser_framings():
+    from kms.client import _Response
+    r = _Response()
+    assert not r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+    assert r.feed(b"llo") and (r.status, bytes(r.body), r.close) == (200, b"hello", False)
+    r = _Response()
+    assert not r.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    assert r.feed(b"2;x=1\r\nde\r\n0\r\n\r\n") and bytes(r.body) == b"abcde"
+    r = _Response()
+    assert not r.feed(b"HTTP/1.0 404 Not Found\r\n\r\n{}")
+    assert r.feed(b"") and (r.status, bytes(r.body), r.close) == (404, b"{}", True)
+    r = _Response()
+    assert r.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert r.status == 200 and r.close
+    with pytest.raises(ValueError):
+        _Response().feed(b"SSH-2.0-OpenSSH\r\n\r\n")
