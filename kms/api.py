@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import pwd
 import re
@@ -38,23 +39,65 @@ GRANT_OPERATIONS = ("create-datakey", "create-datakey-without-plaintext", "encry
 KEY_SPECS = ("AES_256", "SM4", "RSA_2048", "RSA_3072", "RSA_4096", "EC_P256", "EC_P384", "SECP256K1", "SM2",
              "ED25519", "HMAC_256", "HMAC_384", "HMAC_512", "HMAC_SM3")
 
-_KEY_ID_RE = re.compile(r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}$")
-_ALIAS_RE = re.compile(r"^[a-zA-Z0-9:/_-]{1,255}$")
-_GRANT_ID_RE = re.compile(r"^[A-Fa-f0-9]{64}$")
-_PRINCIPAL_RE = re.compile(r"^[a-zA-Z0-9._-]{1,64}$")
-_DIGITS_RE = re.compile(r"^[0-9]{1,15}$")
-_HEX_RE = re.compile(r"^[0-9A-Fa-f]*$")
+# Every pattern ends in \Z, not $: Python's $ also matches before a trailing newline, which
+# would let "alias\n" or "ABCD\n" through. The character classes are explicit ASCII ranges, so
+# look-alike letters, NUL, RTL marks and other Unicode never pass.
+_KEY_ID_RE = re.compile(r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}\Z")
+_ALIAS_RE = re.compile(r"^[a-zA-Z0-9:/_-]{1,255}\Z")
+_GRANT_ID_RE = re.compile(r"^[A-Fa-f0-9]{64}\Z")
+_PRINCIPAL_RE = re.compile(r"^[a-zA-Z0-9._-]{1,64}\Z")
+_DIGITS_RE = re.compile(r"^[0-9]{1,15}\Z")
+_HEX_RE = re.compile(r"^[0-9A-Fa-f]*\Z")
+MAX_NUMBER = 10**15 - 1         # numeric fields: at most 15 digits, as strings or JSON integers
+MAX_JSON_DEPTH = 32             # request bodies nest at most this deep (Huawei's need 3)
+AUDIT_AAD_MAX = 128             # characters of a request's AAD kept in the audit log
 
 # Huawei's HTTP status per error code (reference §6); everything unlisted is 400.
 _STATUS = {"KMS.0207": 404, "KMS.0416": 404, "KMS.0301": 403, "KMS.0302": 403, "KMS.0303": 403,
            "KMS.0305": 403, "KMS.0306": 403, "KMS.0307": 403, "KMS.0321": 403, "KMS.0101": 500,
-           "KMS.0102": 500}
+           "KMS.0102": 500, "KMS.0103": 503, "APIGW.0308": 429}
+
+
+#: Every error code this KMS answers with (docs/KMS.md lists them). Huawei's codes keep Huawei's
+#: meaning; KMS.0103 and APIGW.0308 come from the server's connection and rate limits.
+ERROR_CODES = {
+    "KMS.0101": "internal error", "KMS.0102": "I/O error",
+    "KMS.0103": "too many connections (server busy), 503",
+    "APIGW.0308": "request rate limit exceeded, 429",
+    "KMS.0201": "invalid request URL, method or malformed HTTP", "KMS.0202": "body is not valid JSON",
+    "KMS.0203": "request (body or headers) too long", "KMS.0204": "required parameter missing",
+    "KMS.0205": "invalid key_id", "KMS.0207": "key does not exist or was destroyed",
+    "KMS.0209": "key is disabled", "KMS.0210": "key is pending deletion",
+    "KMS.0211": "not allowed on a default key", "KMS.0301": "request not signed or malformed signature",
+    "KMS.0302": "wrong access key or signature", "KMS.0303": "signature expired",
+    "KMS.0305": "project/region mismatch", "KMS.0306": "no permission on the key",
+    "KMS.0307": "operation not allowed for this caller", "KMS.0308": "a field is invalid",
+    "KMS.0312": "key cannot be rotated", "KMS.0313": "rotation is not enabled",
+    "KMS.0321": "project id mismatch", "KMS.0401": "invalid tag key", "KMS.0403": "invalid tag value",
+    "KMS.0409": "tag limit reached", "KMS.0416": "tag does not exist",
+    "KMS.1101": "invalid alias", "KMS.1103": "invalid description", "KMS.1104": "alias already exists",
+    "KMS.1105": "key quota reached", "KMS.1201": "key is not disabled", "KMS.1301": "key is not enabled",
+    "KMS.1401": "pending_days out of range", "KMS.1402": "key already pending deletion",
+    "KMS.1501": "key not pending deletion", "KMS.1601": "invalid limit", "KMS.1602": "invalid marker",
+    "KMS.1801": "invalid random_data_length", "KMS.1802": "random_data_length not a multiple of 8",
+    "KMS.1901": "invalid datakey_length", "KMS.1902": "invalid key_spec",
+    "KMS.1903": "datakey_length not a multiple of 8", "KMS.2001": "invalid datakey_length",
+    "KMS.2101": "invalid plain_text", "KMS.2102": "invalid datakey_plain_length",
+    "KMS.2103": "data key digest mismatch", "KMS.2104": "plain_text length mismatch",
+    "KMS.2201": "invalid cipher_text", "KMS.2202": "invalid datakey_cipher_length",
+    "KMS.2203": "cipher_text does not authenticate", "KMS.2204": "data key length mismatch",
+    "KMS.2401": "invalid grant operations", "KMS.2402": "invalid principal",
+    "KMS.2404": "grant limit reached", "KMS.2501": "grant does not exist",
+    "KMS.2502": "grant belongs to another key", "KMS.2901": "rotation already enabled",
+    "KMS.3001": "rotation_interval out of range",
+}
 
 
 class KmsApiError(Exception):
     """A Huawei-style error reply. The message must never contain key material."""
 
     def __init__(self, code: str, msg: str, status: int | None = None) -> None:
+        assert code in ERROR_CODES, code
         super().__init__(f"{code}: {msg}")
         self.code = code
         self.msg = msg
@@ -101,6 +144,19 @@ class Result:
     body: Any
     touched: list[tuple[str, str]] = field(default_factory=list)   # (key_id, grant_id) for the audit
     error_code: str = ""
+    aad: str = ""           # the request's AAD (re-encrypt: the source AAD), truncated, for the audit
+
+
+def request_aad(body: Any) -> str:
+    """The AAD a request names, for the audit log: ``additional_authenticated_data``, or for
+    re-encrypt ``source_additional_authenticated_data``; '' when absent or not a string.
+    Truncated to AUDIT_AAD_MAX characters. The AAD is not secret (Huawei: "not encrypted")."""
+    if not isinstance(body, dict):
+        return ""
+    v = body.get("additional_authenticated_data")
+    if not isinstance(v, str) or not v:
+        v = body.get("source_additional_authenticated_data")
+    return v[:AUDIT_AAD_MAX] if isinstance(v, str) else ""
 
 
 @dataclass
@@ -147,6 +203,8 @@ def _num(body: dict, name: str, required: bool = False, code: str = "KMS.0308",
         if not _DIGITS_RE.match(v):
             raise KmsApiError(code, f"{name} must be a decimal number")
         v = int(v)
+    elif not 0 <= v <= MAX_NUMBER:
+        raise KmsApiError(code, f"{name} must be between 0 and {MAX_NUMBER}")
     return v
 
 
@@ -172,6 +230,32 @@ def _page(items: list, limit: int, marker: int) -> tuple[list, str, str]:
 
 def _ms(v: int | None) -> str:
     return "" if v is None else str(v)
+
+
+def _check_json(body: Any) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings that are not valid Unicode (JSON
+    allows lone surrogates such as "\\ud800", which cannot be encoded, stored or compared)."""
+    stack = [(body, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise KmsApiError("KMS.0202", f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                _check_str(k)
+                stack.append((x, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, str):
+            _check_str(v)
+
+
+def _check_str(s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise KmsApiError("KMS.0202", "request body holds a string that is not valid Unicode") from None
 
 
 Handler = Callable[["Kms", _Ctx, dict, dict], Any]
@@ -210,15 +294,17 @@ class Kms:
     def handle(self, caller: Caller, method: str, op: str, query: dict[str, str], raw_body: bytes) -> Result:
         """Run one request. ``op`` is the path below ``/kms/`` (e.g. ``create-key``, ``<id>/tags``)."""
         ctx = _Ctx(caller)
+        aad = ""
         try:
             fn, path_args = self._resolve_route(method, op)
             body = self._parse_body(raw_body)
             if method == "GET":
                 body = {**query, **body}
+            aad = request_aad(body)
             reply = fn(self, ctx, body, path_args)
-            return Result(200, reply, ctx.touched)
+            return Result(200, reply, ctx.touched, aad=aad)
         except KmsApiError as e:
-            return Result(e.status, e.body(), ctx.touched, e.code)
+            return Result(e.status, e.body(), ctx.touched, e.code, aad=aad)
 
     def audit_records(self, caller: Caller, op: str, result: Result) -> list[AuditRecord]:
         now = self.now
@@ -228,8 +314,8 @@ class Kms:
         for t in touched:
             if t not in seen:
                 seen.append(t)
-        return [AuditRecord(now, caller.label, op, kid, gid, outcome, result.status, result.error_code)
-                for kid, gid in seen]
+        return [AuditRecord(now, caller.label, op, kid, gid, outcome, result.status, result.error_code,
+                            result.aad) for kid, gid in seen]
 
     @staticmethod
     def _resolve_route(method: str, op: str) -> tuple[Handler, dict]:
@@ -253,16 +339,19 @@ class Kms:
 
     @staticmethod
     def _parse_body(raw: bytes) -> dict:
+        """The JSON object of a request body: bounded size and nesting, valid Unicode."""
         if len(raw) > MAX_BODY:
             raise KmsApiError("KMS.0203", f"request body is longer than {MAX_BODY} bytes")
         if not raw.strip():
             return {}
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # ValueError covers integers longer than Python's int_max_str_digits, too.
             raise KmsApiError("KMS.0202", "request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise KmsApiError("KMS.0202", "request body must be a JSON object")
+        _check_json(body)
         return body
 
     # ---- periodic work ---------------------------------------------------------------------
@@ -607,7 +696,7 @@ def _encrypt_datakey(self: Kms, ctx: _Ctx, body: dict, _: dict) -> dict:
     if len(raw) != n + 32:
         raise KmsApiError("KMS.2104", "plain_text length does not match datakey_plain_length + 32-byte SHA-256")
     dek, digest = raw[:n], raw[n:]
-    if not secrets.compare_digest(hashlib.sha256(dek).digest(), digest):
+    if not hmac.compare_digest(hashlib.sha256(dek).digest(), digest):
         raise KmsApiError("KMS.2103", "the SHA-256 digest in plain_text does not match the data key")
     aad = _aad(body)
     self._usable(k)
@@ -1016,14 +1105,21 @@ def _filter_by_tags(self: Kms, ctx: _Ctx, body: dict, args: dict) -> dict:
     matches = body.get("matches") or []
     if not isinstance(wanted, list) or not isinstance(matches, list):
         raise KmsApiError("KMS.0308", "tags and matches must be lists")
+    for w in wanted:
+        if (not isinstance(w, dict) or not isinstance(w.get("key"), str)
+                or not isinstance(w.get("values") or [], list)
+                or not all(isinstance(x, str) for x in w.get("values") or [])):
+            raise KmsApiError("KMS.0308", "tags must be a list of {\"key\": string, \"values\": [string]}")
+    for m in matches:
+        if not isinstance(m, dict) or not isinstance(m.get("key"), str) or not isinstance(m.get("value", ""), str):
+            raise KmsApiError("KMS.0308", "matches must be a list of {\"key\": string, \"value\": string}")
     all_tags = self.store.all_tags()
     out = []
     for k in self._owned(ctx.caller):
         tags = dict(all_tags.get(k.key_id, []))
-        ok = all(isinstance(w, dict) and w.get("key") in tags
-                 and (not w.get("values") or tags[w["key"]] in w["values"]) for w in wanted)
+        ok = all(w["key"] in tags and (not w.get("values") or tags[w["key"]] in w["values"]) for w in wanted)
         for m in matches:
-            if isinstance(m, dict) and m.get("key") == "resource_name" and m.get("value"):
+            if m["key"] == "resource_name" and m.get("value"):
                 ok = ok and m["value"] in (k.alias or "")
         if ok:
             out.append(k)
@@ -1040,8 +1136,10 @@ def _filter_by_tags(self: Kms, ctx: _Ctx, body: dict, args: dict) -> dict:
 
 @_route("POST", "x-encfs-list-audit")
 def _list_audit(self: Kms, ctx: _Ctx, body: dict, _: dict) -> dict:
-    """Extension: audit records, newest last. Root sees all; others their own requests and keys."""
+    """Extension: audit records, newest last. Root sees all; others their own requests and keys.
+    ``aad`` filters on the request's additional_authenticated_data (encfs: the file id)."""
     key_id = _str(body, "key_id")
+    aad = _str(body, "aad", max_len=AUDIT_AAD_MAX * 4)
     since = _num(body, "since", default=None)
     limit = _num(body, "limit", code="KMS.1601", default=1000)
     if not 1 <= limit <= 100000:
@@ -1049,8 +1147,9 @@ def _list_audit(self: Kms, ctx: _Ctx, body: dict, _: dict) -> dict:
     c = ctx.caller
     scope = {} if c.admin else {"callers": [c.label],
                                 "key_ids": [k.key_id for k in self.store.keys() if k.owner == c.principal]}
-    rows = self.store.query_audit(key_id=key_id, since_ms=since, limit=limit, **scope)
+    rows = self.store.query_audit(key_id=key_id, since_ms=since, limit=limit,
+                                  aad=aad[:AUDIT_AAD_MAX] if aad else None, **scope)
     return {"records": [{"time": str(r.time_ms), "caller": r.caller, "operation": r.operation,
                          "key_id": r.key_id, "grant_id": r.grant_id, "outcome": r.outcome,
-                         "status": str(r.status), "error_code": r.error_code} for r in rows],
+                         "status": str(r.status), "error_code": r.error_code, "aad": r.aad} for r in rows],
             "total": len(rows)}

@@ -1,6 +1,8 @@
-"""AK/SK authentication for the TCP listener: Huawei's ``SDK-HMAC-SHA256`` request signature.
+"""AK/SK authentication over TCP: Huawei's ``SDK-HMAC-SHA256`` request signature, both sides.
 
-Verified exactly as ``huaweicloudsdkcore.signer.Signer`` computes it (reference §7)::
+One implementation of the canonicalisation serves the daemon's verifier (``verify``) and the
+client's signer (``sign_request``), so the two cannot drift apart. It is computed exactly as
+``huaweicloudsdkcore.signer.Signer`` does (reference §7)::
 
     CanonicalRequest = METHOD \\n CanonicalURI \\n CanonicalQuery \\n CanonicalHeaders \\n SignedHeaders \\n hex(sha256(body))
     StringToSign     = "SDK-HMAC-SHA256" \\n X-Sdk-Date \\n hex(sha256(CanonicalRequest))
@@ -19,6 +21,7 @@ import hmac
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import quote, unquote
@@ -28,7 +31,7 @@ from .api import KmsApiError
 ALGORITHM = "SDK-HMAC-SHA256"
 EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 MAX_SKEW = 15 * 60
-_AUTH_RE = re.compile(r"^SDK-HMAC-SHA256\s+Access=([^,\s]+),\s*SignedHeaders=([^,\s]+),\s*Signature=([0-9a-fA-F]+)$")
+_AUTH_RE = re.compile(r"^SDK-HMAC-SHA256\s+Access=([^,\s]+),\s*SignedHeaders=([^,\s]+),\s*Signature=([0-9a-fA-F]{1,128})\Z")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,19 @@ def load_credentials(path: str) -> dict[str, Credential]:
     return creds
 
 
+def read_access_key(path: str, who: str | None = None) -> Credential:
+    """The client's access key from Huawei's downloaded CSV (same checks as load_credentials:
+    refused when group or others may read it). ``who`` picks a row by user name or access key
+    id; by default the first row."""
+    creds = load_credentials(path)
+    if who is None:
+        return next(iter(creds.values()))
+    for c in creds.values():
+        if who in (c.user_name, c.access_key):
+            return c
+    raise CredentialsError(f"credentials {path} hold no access key of {who!r}")
+
+
 def _q(s: str) -> str:
     return quote(s, safe="~")
 
@@ -112,6 +128,30 @@ def string_to_sign(method: str, target: str, headers: dict[str, str], signed: li
 
 def sign(sk: str, sts: str) -> str:
     return hmac.new(sk.encode(), sts.encode(), hashlib.sha256).hexdigest()
+
+
+def sdk_date(now: float | None = None) -> str:
+    """X-Sdk-Date for ``now`` (Unix seconds, default the clock): ``YYYYMMDDTHHMMSSZ`` in UTC."""
+    return datetime.fromtimestamp(time.time() if now is None else now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def sign_request(method: str, target: str, headers: dict[str, str], body: bytes, ak: str, sk: str,
+                 now: float | None = None) -> dict[str, str]:
+    """The headers of a signed request, as the SDK's Signer makes them: ``headers`` plus
+    ``X-Sdk-Date`` and ``Authorization``. Every given header is signed (names with "_" are
+    skipped, as the SDK does), so pass Host and the others the request will carry; headers
+    added afterwards (Content-Length, Accept) are simply unsigned. ``target`` is the request
+    target exactly as sent (path and query, already percent-encoded)."""
+    out = dict(headers)
+    if not any(k.lower() == "x-sdk-date" for k in out):
+        out["X-Sdk-Date"] = sdk_date(now)
+    lower = {k.lower(): str(v).strip() for k, v in out.items()}
+    if "host" not in lower:
+        raise ValueError("the Host header must be signed")
+    signed = sorted(k for k in lower if "_" not in k)
+    sts = string_to_sign(method, target, lower, signed, body, lower["x-sdk-date"])
+    out["Authorization"] = f"{ALGORITHM} Access={ak}, SignedHeaders={';'.join(signed)}, Signature={sign(sk, sts)}"
+    return out
 
 
 def verify(creds: dict[str, Credential], method: str, target: str, headers: dict[str, str],

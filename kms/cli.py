@@ -24,6 +24,9 @@ from .paths import default_data_dir, default_project_id, default_socket_path
 STATES = {"1": "pending-activation", "2": "enabled", "3": "disabled", "4": "pending-deletion",
           "5": "pending-import", "7": "frozen"}
 CLOCK_ENV = "KMS_TEST_CLOCK_FILE"
+URL_ENV = "KMS_URL"
+PASSPHRASE_ENV = "KMS_PASSPHRASE"
+CREDENTIALS_ENV = "KMS_CREDENTIALS"
 
 
 class UsageError(Exception):
@@ -372,19 +375,33 @@ def parse_since(text: str, now: float | None = None) -> int:
         raise UsageError(f"--since {text!r}: use e.g. 10m, 2h, 1d, Unix seconds or 2026-01-31T12:00") from None
 
 
-@command("audit", "audit log: who used which key for what",
+@command("audit", "audit log: who used which key for what, with the request's AAD (encfs: the file id)",
          lambda p: (p.add_argument("--key", metavar="KEY"), p.add_argument("--since", metavar="T",
-                    help="10m, 2h, 1d, Unix seconds or ISO time"), p.add_argument("--limit", type=int, default=1000)))
+                    help="10m, 2h, 1d, Unix seconds or ISO time"),
+                    p.add_argument("--aad", metavar="AAD", help="only requests with this additional_authenticated_data "
+                                   "(encfs passes the file id, 32 hex characters)"),
+                    p.add_argument("--limit", type=int, default=1000)))
 def _c_audit(c, a):
     body: dict = {"limit": str(a.limit)}
     if a.key:
         body["key_id"] = a.key if _is_id(a.key) else c.key_id(a.key)
     if a.since:
         body["since"] = str(parse_since(a.since))
+    if a.aad:
+        body["aad"] = a.aad
     return c.call("x-encfs-list-audit", body), lambda r: _table(
-        [[_when(x["time"]), x["caller"], x["operation"], x["key_id"] or "-", (x["grant_id"][:12] or "-"),
-          x["outcome"], x["status"], x["error_code"] or "-"] for x in r["records"]],
-        ["TIME", "CALLER", "OPERATION", "KEY_ID", "GRANT", "OUTCOME", "STATUS", "ERROR"])
+        [[_when(x["time"]), x["caller"], x["operation"], x["key_id"] or "-", _printable(x.get("aad", "")) or "-",
+          (x["grant_id"][:12] or "-"), x["outcome"], x["status"], x["error_code"] or "-"] for x in r["records"]],
+        ["TIME", "CALLER", "OPERATION", "KEY_ID", "AAD", "GRANT", "OUTCOME", "STATUS", "ERROR"])
+
+
+def _printable(text: str) -> str:
+    """A caller-chosen string made safe for a terminal table: control characters, spaces and
+    anything non-ASCII are escaped (no escape sequences, no bidi tricks, one column)."""
+    if text.isascii() and text.isprintable() and " " not in text:
+        return text
+    return "".join(ch if ch.isascii() and ch.isprintable() and ch != " " else
+                   (f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}") for ch in text)
 
 
 def _is_id(ref: str) -> bool:
@@ -416,24 +433,66 @@ def _serve(a: argparse.Namespace) -> int:
             # Plain HTTP: signatures stop forgery, but bodies (data keys!) travel in the clear.
             logging.getLogger("kms").warning("--listen %s is not a loopback address: replies, including "
                                              "plaintext data keys, cross the network unencrypted", a.listen)
-        if not a.credentials:
+        if not getattr(a, "credentials", None):
             raise UsageError("--listen needs --credentials FILE (Huawei access-key CSV)")
         try:
             creds = auth.load_credentials(a.credentials)
         except auth.CredentialsError as e:
             raise UsageError(str(e)) from None
-    elif a.credentials:
+    elif getattr(a, "credentials", None):
         raise UsageError("--credentials is only used with --listen")
     clock = a.test_clock_file or os.environ.get(CLOCK_ENV) or None
     if clock:
         logging.getLogger("kms").warning("TESTING ONLY: key lifecycle clock read from %s", clock)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:/\s*s)?\s*", a.rate_limit)
+    if not m:
+        raise UsageError(f"--rate-limit {a.rate_limit!r}: expected N/s, e.g. 2000/s (0 = unlimited)")
+    for name in ("max_connections", "max_connections_per_uid"):
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "body_timeout", "idle_timeout"):
+        if not getattr(a, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be more than 0 seconds")
     config = ServerConfig(socket_path=a.socket, data_dir=a.data_dir, project_id=a.project_id,
-                          socket_mode=mode, listen=listen, credentials=creds, clock_file=clock)
+                          socket_mode=mode, listen=listen, credentials=creds, clock_file=clock,
+                          header_timeout=a.header_timeout, body_timeout=a.body_timeout,
+                          idle_timeout=a.idle_timeout, max_connections=a.max_connections,
+                          max_connections_per_peer=a.max_connections_per_uid, rate_limit=float(m.group(1)),
+                          passphrase=_passphrase(a.passphrase_file))
     try:
         return serve(config)
     except (StoreError, OSError) as e:
         print(f"kms serve: {e}", file=sys.stderr)
         return 1
+
+
+def _passphrase(path: str | None) -> bytes | None:
+    """--passphrase-file (refused unless only its owner may read it) or $KMS_PASSPHRASE; one
+    trailing newline is not part of the passphrase."""
+    env = os.environ.get(PASSPHRASE_ENV)
+    if path is None:
+        return env.encode() if env else None
+    if env:
+        raise UsageError(f"give --passphrase-file or {PASSPHRASE_ENV}, not both")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise UsageError(f"refusing passphrase file {path}: group or others have access "
+                             f"(mode {st.st_mode & 0o7777:04o}); chmod 600 {path}")
+        data = os.read(fd, 65537)
+    finally:
+        os.close(fd)
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise UsageError(f"passphrase file {path} is empty")
+    return data
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -443,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--socket", default=argparse.SUPPRESS, help="daemon socket (env KMS_SOCKET)")
     common.add_argument("--project-id", default=argparse.SUPPRESS, help="project id (env KMS_PROJECT_ID)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print raw JSON")
+    common.add_argument("--url", default=argparse.SUPPRESS, metavar="URL",
+                        help=f"talk to a KMS over TCP instead of the socket: http://HOST:PORT or "
+                             f"https://HOST[:PORT], requests signed with AK/SK (env {URL_ENV})")
+    common.add_argument("--credentials", default=argparse.SUPPRESS, metavar="FILE",
+                        help=f"Huawei access-key CSV (mode 0600): with --url the client's key (env "
+                             f"{CREDENTIALS_ENV}); with serve --listen the keys accepted")
 
     p = argparse.ArgumentParser(prog="kms", parents=[common],
                                 description="Local Huawei-compatible KMS: daemon and client.")
@@ -452,15 +517,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=None, help="key store directory (env KMS_DATA_DIR)")
     s.add_argument("--socket-mode", default="600", help="octal mode of the socket (default 600)")
     s.add_argument("--listen", metavar="HOST:PORT", help="also serve Huawei's SDK over TCP (AK/SK signed)")
-    s.add_argument("--credentials", metavar="FILE", help="access-key CSV for --listen")
     s.add_argument("--test-clock-file", metavar="FILE",
                    help=f"TESTING ONLY: file holding 'now' in Unix seconds (env {CLOCK_ENV})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--passphrase-file", metavar="FILE",
+                   help=f"derive the root key from the passphrase in FILE (mode 0600) with scrypt instead of "
+                        f"keeping root.key (env {PASSPHRASE_ENV}: the passphrase itself)")
+    lim = s.add_argument_group("limits against hostile or runaway clients")
+    lim.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                     help="open connections in all; more get 503 (default 1024)")
+    lim.add_argument("--max-connections-per-uid", type=int, default=256, metavar="N",
+                     help="open connections per uid (socket) or IP address (TCP); more get 503 (default 256)")
+    lim.add_argument("--rate-limit", default="2000/s", metavar="N/s",
+                     help="requests per second per caller (uid or access key), bursts of one second's worth; "
+                          "more get 429 APIGW.0308; 0 = unlimited (default 2000/s)")
+    lim.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                     help="seconds from a request's first byte to the end of its headers (default 10)")
+    lim.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                     help="seconds from the end of the headers to the end of the body (default 30)")
+    lim.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                     help="seconds a kept-alive connection may wait for its next request (default 60)")
 
     for name, (_fn, add_args, help) in COMMANDS.items():
         sp = sub.add_parser(name, parents=[common], help=help)
         add_args(sp)
     return p
+
+
+def _client(a: argparse.Namespace, socket_path: str, project_id: str) -> KmsClient:
+    from .auth import CredentialsError
+    url = getattr(a, "url", None) or os.environ.get(URL_ENV)
+    creds = getattr(a, "credentials", None) or os.environ.get(CREDENTIALS_ENV)
+    if not url:
+        if getattr(a, "credentials", None):
+            raise UsageError("--credentials is for --url (or serve --listen)")
+        return KmsClient(socket_path, project_id)
+    if not creds:
+        raise UsageError("--url needs --credentials FILE (Huawei access-key CSV: User Name,Access Key Id,"
+                         "Secret Access Key)")
+    try:
+        return KmsClient.from_credentials_file(url, creds, project_id=project_id)
+    except CredentialsError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             a.data_dir = a.data_dir or default_data_dir()
             return _serve(a)
         fn = COMMANDS[a.command][0]
-        with KmsClient(socket_path, project_id) as client:
+        with _client(a, socket_path, project_id) as client:
             reply, fmt = fn(client, a)
         if as_json or fmt is None:
             print(json.dumps(reply, indent=2))

@@ -1,9 +1,20 @@
-"""The one client of the KMS daemon: HTTP/1.1 over its Unix socket, keep-alive.
+"""The one client of the KMS: HTTP/1.1 over the daemon's Unix socket, or over TCP (http or
+https) to a remote ``kms serve --listen`` or Huawei Cloud KMS itself, keep-alive.
 
 ``KmsClient`` is synchronous (CLI, tests, scripts); ``AsyncKmsClient`` is for trio (encfs) and
 keeps a small pool of connections so that concurrent tasks do not queue behind one another.
 Both raise ``KmsError`` with Huawei's error code for an error reply, and ``KmsUnavailable``
-(a KmsError with status None) when nothing answers, with a message that says how to start one.
+(a KmsError with status None) when nothing answers, with a message that says where.
+
+Unix socket (the caller is the process's uid)::
+
+    KmsClient("/run/user/1000/encfs-kms.sock", project_id="local")
+
+TCP, every request signed with Huawei's SDK-HMAC-SHA256 by kms.auth (the same code the daemon
+verifies with)::
+
+    KmsClient(url="https://kms.cn-north-4.myhuaweicloud.com", project_id=P, ak=AK, sk=SK)
+    KmsClient.from_credentials_file("http://127.0.0.1:8443", "credentials.csv", project_id=P)
 
 A kept-alive connection may have been closed by the daemon (idle timeout, restart). When a
 request on a *reused* connection fails before any byte of the reply arrived, it is sent once
@@ -18,12 +29,15 @@ import hmac
 import json
 import re
 import socket
+import ssl
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .paths import default_project_id, default_socket_path
 
-_UUID_RE = re.compile(r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}$")
+_UUID_RE = re.compile(r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}\Z")
+USER_AGENT = "encfs-kms-client/1.0"
 _MAX_RESPONSE = 16 * 1024 * 1024
 
 
@@ -41,13 +55,18 @@ class KmsError(Exception):
 
 
 class KmsUnavailable(KmsError):
-    """No KMS answers on the socket (missing, refused, or timed out)."""
+    """No KMS answers on the socket or at the URL (missing, refused, TLS failure, timed out)."""
 
-    def __init__(self, socket_path: str, reason: str) -> None:
-        msg = (f"no KMS answers at {socket_path} ({reason}); start one with: "
-               f"kms serve --socket {socket_path} --data-dir DIR")
+    def __init__(self, socket_path: str, reason: str, url: str | None = None) -> None:
+        if url is not None:
+            msg = (f"no KMS answers at {url} ({reason}); check the URL, the network and that the KMS "
+                   f"runs there (kms serve --listen HOST:PORT --credentials FILE)")
+        else:
+            msg = (f"no KMS answers at {socket_path} ({reason}); start one with: "
+                   f"kms serve --socket {socket_path} --data-dir DIR")
         super().__init__(None, "KMS.UNAVAILABLE", msg)
         self.socket_path = socket_path
+        self.url = url
 
     def __str__(self) -> str:
         return self.error_msg
@@ -61,13 +80,54 @@ def is_key_id(ref: str) -> bool:
     return bool(_UUID_RE.match(ref))
 
 
-def _request_bytes(method: str, path: str, body: dict | None) -> bytes:
+def _request_bytes(method: str, path: str, body: dict | None, remote: "_Remote | None" = None) -> bytes:
     # Written by hand rather than through h11: the client's share of a round trip is most of
     # the per-request cost in Python, and the request shape never varies.
     payload = b"" if body is None and method == "GET" else json.dumps(body or {}).encode()
     target = quote(path, safe="/?=&%-._~:,+")
-    return (f"{method} {target} HTTP/1.1\r\nHost: kms\r\nContent-Type: application/json;charset=utf-8\r\n"
-            f"Content-Length: {len(payload)}\r\nAccept: application/json\r\n\r\n").encode() + payload
+    if remote is None:
+        return (f"{method} {target} HTTP/1.1\r\nHost: kms\r\nContent-Type: application/json;charset=utf-8\r\n"
+                f"Content-Length: {len(payload)}\r\nAccept: application/json\r\n\r\n").encode() + payload
+    from . import auth      # only TCP needs it (it pulls in the daemon's error type)
+    headers = auth.sign_request(method, target, {
+        "Host": remote.netloc, "Content-Type": "application/json;charset=utf-8",
+        "X-Project-Id": remote.project_id, "User-Agent": USER_AGENT}, payload, remote.ak, remote.sk)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (f"{method} {target} HTTP/1.1\r\n{head}Content-Length: {len(payload)}\r\n"
+            f"Accept: application/json\r\n\r\n").encode() + payload
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """Where and as whom a TCP client talks."""
+
+    url: str                # normalised, for messages
+    scheme: str             # http / https
+    host: str
+    port: int
+    netloc: str             # the Host header, as the SDK sends it (host[:port] as given in the URL)
+    project_id: str
+    ak: str
+    sk: str
+
+    def __repr__(self) -> str:     # never show the secret key
+        return f"_Remote(url={self.url!r}, ak={self.ak!r})"
+
+
+def _parse_url(url: str, project_id: str, ak: str | None, sk: str | None) -> _Remote:
+    if not ak or not sk:
+        raise ValueError("a KMS url needs an access key and a secret key (ak=, sk=, or a credentials file)")
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"KMS url {url!r} must look like http://HOST[:PORT] or https://HOST[:PORT]")
+    if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+        raise ValueError(f"KMS url {url!r} must have no path, query or user info")
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"KMS url {url!r} has an invalid port") from None
+    return _Remote(url=f"{u.scheme}://{u.netloc}", scheme=u.scheme, host=u.hostname, port=port,
+                   netloc=u.netloc, project_id=project_id, ak=ak, sk=sk)
 
 
 class _BadReply(ValueError):
@@ -175,17 +235,56 @@ def _decode(status: int, data: bytes) -> Any:
 
 
 class _Base:
-    def __init__(self, socket_path: str | None, project_id: str | None, timeout: float) -> None:
-        self.socket_path = socket_path or default_socket_path()
+    def __init__(self, socket_path: str | None, project_id: str | None, timeout: float,
+                 url: str | None = None, ak: str | None = None, sk: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.project_id = project_id or default_project_id()
         self.timeout = timeout
+        self._remote: _Remote | None = None
+        self._ssl_context = ssl_context
+        if url is not None:
+            if socket_path is not None:
+                raise ValueError("give either a socket path or a url, not both")
+            self._remote = _parse_url(url, self.project_id, ak, sk)
+            self.socket_path: str | None = None
+            self.url: str | None = self._remote.url
+        else:
+            if ak is not None or sk is not None:
+                raise ValueError("ak/sk are for a url; on the Unix socket the caller is the process's uid")
+            self.socket_path = socket_path or default_socket_path()
+            self.url = None
+
+    @classmethod
+    def from_credentials_file(cls, url: str, credentials_path: str, project_id: str | None = None,
+                              who: str | None = None, **kwargs: Any):
+        """A TCP client whose AK/SK come from Huawei's downloaded access-key CSV
+        (``User Name,Access Key Id,Secret Access Key``; refused unless only its owner can read
+        it). ``who`` picks a row by user name or access key id, default the first."""
+        from .auth import read_access_key
+        cred = read_access_key(credentials_path, who)
+        return cls(url=url, project_id=project_id, ak=cred.access_key, sk=cred.secret_key, **kwargs)
+
+    @property
+    def where(self) -> str:
+        return self.url or self.socket_path or ""
 
     def _path(self, operation: str) -> str:
         return f"/v1.0/{self.project_id}/kms/{operation.lstrip('/')}"
 
+    def _request(self, method: str, operation: str, body: dict | None) -> bytes:
+        return _request_bytes(method, self._path(operation), body, self._remote)
+
+    def _ssl(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def _unavailable_reason(self, reason: str) -> KmsUnavailable:
+        return KmsUnavailable(self.socket_path or "", reason, url=self.url)
+
     def _unavailable(self, e: BaseException) -> KmsUnavailable:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        return KmsUnavailable(self.socket_path, reason)
+        return self._unavailable_reason(reason)
 
 
 def _datakey_body(key_id: str, aad: str | None, length_bits: int) -> dict:
@@ -211,11 +310,16 @@ def _dek_of(reply: dict) -> bytes:
 
 
 class KmsClient(_Base):
-    """Synchronous client; one kept-alive connection; use from one thread at a time."""
+    """Synchronous client; one kept-alive connection; use from one thread at a time.
+
+    ``KmsClient(socket_path)`` talks to the local daemon; ``KmsClient(url=..., ak=..., sk=...)``
+    to a KMS over TCP with signed requests (``ssl_context`` for https; default: the system's
+    trust store with hostname checking)."""
 
     def __init__(self, socket_path: str | None = None, project_id: str | None = None,
-                 timeout: float = 10.0) -> None:
-        super().__init__(socket_path, project_id, timeout)
+                 timeout: float = 10.0, *, url: str | None = None, ak: str | None = None,
+                 sk: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(socket_path, project_id, timeout, url, ak, sk, ssl_context)
         self._sock: socket.socket | None = None
 
     def __enter__(self) -> "KmsClient":
@@ -232,18 +336,33 @@ class KmsClient(_Base):
                 self._sock = None
 
     def _connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
+        r = self._remote
+        if r is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.socket_path)
+            except OSError as e:
+                s.close()
+                raise self._unavailable(e) from None
+            self._sock = s
+            return
         try:
-            s.connect(self.socket_path)
+            s = socket.create_connection((r.host, r.port), timeout=self.timeout)
         except OSError as e:
+            raise self._unavailable(e) from None
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if r.scheme == "https":
+                s = self._ssl().wrap_socket(s, server_hostname=r.host)
+        except OSError as e:        # ssl.SSLError (certificate, handshake) is an OSError
             s.close()
             raise self._unavailable(e) from None
         self._sock = s
 
     def call(self, operation: str, body: dict | None = None, method: str = "POST") -> Any:
         """One API call: ``operation`` is the path below ``/v1.0/{project_id}/kms/``."""
-        request = _request_bytes(method, self._path(operation), body)
+        request = self._request(method, operation, body)
         for attempt in range(2):
             reused = self._sock is not None
             if not reused:
@@ -259,7 +378,7 @@ class KmsClient(_Base):
             if reply.close:
                 self.close()
             return _decode(reply.status, bytes(reply.body))
-        raise KmsUnavailable(self.socket_path, "connection closed twice")   # pragma: no cover
+        raise self._unavailable_reason("connection closed twice")   # pragma: no cover
 
     def _roundtrip(self, request: bytes, may_retry: bool) -> _Response:
         sock = self._sock
@@ -317,8 +436,10 @@ class AsyncKmsClient(_Base):
     ``timeout`` and raises KmsUnavailable when it runs out or the socket fails."""
 
     def __init__(self, socket_path: str | None = None, project_id: str | None = None,
-                 timeout: float = 10.0, max_connections: int = 8) -> None:
-        super().__init__(socket_path, project_id, timeout)
+                 timeout: float = 10.0, max_connections: int = 8, *, url: str | None = None,
+                 ak: str | None = None, sk: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(socket_path, project_id, timeout, url, ak, sk, ssl_context)
         import trio
         self._trio = trio
         self._idle: list[_AsyncConn] = []
@@ -339,26 +460,40 @@ class AsyncKmsClient(_Base):
                 await c.stream.aclose()
 
     async def _open(self) -> _AsyncConn:
+        trio = self._trio
+        r = self._remote
         try:
-            return _AsyncConn(await self._trio.open_unix_socket(self.socket_path))
+            if r is None:
+                return _AsyncConn(await trio.open_unix_socket(self.socket_path))
+            stream = await trio.open_tcp_stream(r.host, r.port)
         except OSError as e:
             raise self._unavailable(e) from None
+        if r.scheme == "https":
+            # https_compatible: servers that close without close_notify end the stream cleanly.
+            tls = trio.SSLStream(stream, self._ssl(), server_hostname=r.host, https_compatible=True)
+            try:
+                await tls.do_handshake()
+            except (trio.BrokenResourceError, OSError) as e:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise self._unavailable(e.__cause__ or e) from None
+            return _AsyncConn(tls)
+        return _AsyncConn(stream)
 
     async def call(self, operation: str, body: dict | None = None, method: str = "POST") -> Any:
         trio = self._trio
         if self._closed:
-            raise KmsUnavailable(self.socket_path, "client is closed")
-        path = self._path(operation)
+            raise self._unavailable_reason("client is closed")
         try:
             with trio.fail_after(self.timeout):
                 async with self._slots:
-                    status, data = await self._call_pooled(method, path, body)
+                    status, data = await self._call_pooled(method, operation, body)
         except trio.TooSlowError:
-            raise KmsUnavailable(self.socket_path, f"no reply within {self.timeout:g}s") from None
+            raise self._unavailable_reason(f"no reply within {self.timeout:g}s") from None
         return _decode(status, data)
 
-    async def _call_pooled(self, method: str, path: str, body: dict | None) -> tuple[int, bytes]:
-        request = _request_bytes(method, path, body)
+    async def _call_pooled(self, method: str, operation: str, body: dict | None) -> tuple[int, bytes]:
+        request = self._request(method, operation, body)
         for attempt in range(2):
             reused = bool(self._idle)
             c = self._idle.pop() if reused else await self._open()
@@ -384,7 +519,7 @@ class AsyncKmsClient(_Base):
                     # Cancelled, failed or told to close: the connection state is unknown.
                     with self._trio.CancelScope(shield=True):
                         await c.stream.aclose()
-        raise KmsUnavailable(self.socket_path, "connection closed twice")   # pragma: no cover
+        raise self._unavailable_reason("connection closed twice")   # pragma: no cover
 
     async def _roundtrip(self, c: _AsyncConn, request: bytes, may_retry: bool) -> _Response:
         trio = self._trio

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -33,10 +34,11 @@ from .store import Store
 
 log = logging.getLogger("kms")
 
-IDLE_TIMEOUT = 300.0        # a kept-alive connection with no request for this long is closed
-REQUEST_TIMEOUT = 30.0      # a started request must arrive completely within this
 AUDIT_FLUSH_INTERVAL = 0.05
 SWEEP_INTERVAL = 1.0
+MAX_HEADER_BYTES = 16 * 1024    # request line + headers; beyond: 431 KMS.0203
+MAX_REFUSING = 256              # connections being answered 503 at once; beyond: closed at once
+FD_RESERVE = 128                # file descriptors kept free for the databases, logs and refusals
 _PEERCRED = struct.Struct("3i")
 
 
@@ -49,6 +51,14 @@ class ServerConfig:
     listen: tuple[str, int] | None = None
     credentials: dict[str, auth.Credential] | None = None
     clock_file: str | None = None
+    # Hostile-client limits (docs/KMS.md, "Limits"):
+    header_timeout: float = 10.0        # from a request's first byte to the end of its headers
+    body_timeout: float = 30.0          # from the end of the headers to the end of the body
+    idle_timeout: float = 60.0          # a kept-alive connection without a new request; a stalled reply
+    max_connections: int = 1024         # open connections in all
+    max_connections_per_peer: int = 256     # per uid (Unix socket) or per IP address (TCP)
+    rate_limit: float = 2000.0          # requests per second per caller (uid, access key); 0 = off
+    passphrase: bytes | None = None     # root key from a passphrase (scrypt) instead of root.key
 
 
 def make_clock(clock_file: str | None) -> Callable[[], int]:
@@ -71,11 +81,84 @@ def make_clock(clock_file: str | None) -> Callable[[], int]:
 
 
 class _Reply(Exception):
-    """Answer now with this error (and maybe close), from deep inside request reading."""
+    """Answer now with this error and close, from deep inside request reading."""
 
-    def __init__(self, err: KmsApiError, close: bool = False) -> None:
+    def __init__(self, err: KmsApiError, close: bool = True) -> None:
         self.err = err
-        self.close = close
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up. Not thread-safe (event loop only)."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def has(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= 1
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class RateLimiter:
+    """One token bucket per caller: ``rate`` requests per second, bursts of one second's worth."""
+
+    MAX_BUCKETS = 10000
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self._warned: dict[str, float] = {}
+
+    def _bucket(self, who: str, now: float) -> TokenBucket:
+        b = self._buckets.get(who)
+        if b is None:
+            if len(self._buckets) >= self.MAX_BUCKETS:
+                # Forget buckets that are full again: they behave exactly like new ones.
+                for k in [k for k, v in self._buckets.items() if (v._refill(now), v.tokens)[1] >= v.burst]:
+                    del self._buckets[k]
+            b = self._buckets[who] = TokenBucket(self.rate, max(1.0, self.rate), now)
+        return b
+
+    def allow(self, who: str) -> bool:
+        return self.rate <= 0 or self._bucket(who, self.clock()).take(self.clock())
+
+    def exhausted(self, who: str) -> bool:
+        return self.rate > 0 and not self._bucket(who, self.clock()).has(self.clock())
+
+    def should_warn(self, who: str) -> bool:
+        now = self.clock()
+        if now - self._warned.get(who, -1e9) < 10:
+            return False
+        if len(self._warned) > self.MAX_BUCKETS:
+            self._warned.clear()
+        self._warned[who] = now
+        return True
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
+            429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+def _raw_error(status: int, code: str, msg: str, extra: str = "") -> bytes:
+    """A complete HTTP/1.1 error reply that closes the connection, without an h11 state machine
+    (for connections refused before any request was read)."""
+    body = json.dumps(KmsApiError(code, msg, status).body(), separators=(",", ":")).encode()
+    return (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: application/json;charset=UTF-8\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
 
 
 class Server:
@@ -88,10 +171,34 @@ class Server:
         # Request ids: unique per daemon run, cheaper than a uuid4 per request.
         self._id_prefix = uuid.uuid4().hex[:20]
         self._request_ids = itertools.count(1)
+        self._limiter = RateLimiter(config.rate_limit)
+        self._open = 0                          # connections being served
+        self._per_peer: dict[str, int] = {}
+        self._refusing = 0
+        self._max_connections = config.max_connections
+        self._warned_full = -1e9
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
+    def _raise_fd_limit(self) -> None:
+        """Make room for max_connections file descriptors (soft limit up to the hard limit);
+        if there is not enough, serve fewer connections rather than ever hitting EMFILE."""
+        want = self.config.max_connections + MAX_REFUSING + FD_RESERVE
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft != resource.RLIM_INFINITY and soft < want:
+                new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                soft = new
+        except (OSError, ValueError):
+            return
+        if soft != resource.RLIM_INFINITY and soft - FD_RESERVE - MAX_REFUSING < self.config.max_connections:
+            self._max_connections = max(1, soft - FD_RESERVE - MAX_REFUSING)
+            log.warning("open-file limit %d allows only %d connections (asked for --max-connections %d)",
+                        soft, self._max_connections, self.config.max_connections)
+
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._raise_fd_limit()
         listeners = [await self._unix_listener()]
         try:
             if self.config.listen:
@@ -106,8 +213,12 @@ class Server:
                     nursery.start_soon(self._accept_loop, tcp, True)
                 where = self.config.socket_path + (f" and tcp {self.config.listen[0]}:{self.config.listen[1]}"
                                                    if self.config.listen else "")
-                log.info("serving project %s on %s (data dir %s)", self.config.project_id, where,
-                         self.config.data_dir)
+                c = self.config
+                log.info("serving project %s on %s (data dir %s)", c.project_id, where, c.data_dir)
+                log.info("limits: %d connections (%d per uid/IP), %s requests/s per caller, timeouts "
+                         "header %gs body %gs idle %gs", self._max_connections, c.max_connections_per_peer,
+                         f"{c.rate_limit:g}" if c.rate_limit > 0 else "unlimited", c.header_timeout,
+                         c.body_timeout, c.idle_timeout)
                 task_status.started()
         finally:
             for lst in listeners:
@@ -150,7 +261,7 @@ class Server:
             os.umask(old)
         os.chmod(path, self.config.socket_mode)
         self._sock_ino = os.stat(path).st_ino
-        sock.listen(256)
+        sock.listen(1024)
         return trio.SocketListener(sock)
 
     def _remove_socket(self) -> None:
@@ -186,47 +297,133 @@ class Server:
                     log.warning("accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self._connection, stream, tcp)
+                try:
+                    peer = self._peer(stream, tcp)
+                except OSError:
+                    stream.socket.close()
+                    continue
+                per_peer = self._per_peer.get(peer, 0)
+                if self._open >= self._max_connections or per_peer >= self.config.max_connections_per_peer:
+                    self._refuse_connection(nursery, stream, peer, per_peer)
+                    continue
+                self._open += 1
+                self._per_peer[peer] = per_peer + 1
+                nursery.start_soon(self._connection, stream, tcp, peer)
+
+    @staticmethod
+    def _peer(stream: trio.SocketStream, tcp: bool) -> str:
+        """Who the connection limits count against: ``uid=N`` on the socket, ``ip=ADDR`` on TCP."""
+        if tcp:
+            return f"ip={stream.socket.getpeername()[0]}"
+        cred = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        return f"uid={_PEERCRED.unpack(cred)[1]}"
+
+    def _refuse_connection(self, nursery: trio.Nursery, stream: trio.SocketStream, peer: str, per_peer: int) -> None:
+        now = time.monotonic()
+        if now - self._warned_full > 10:
+            self._warned_full = now
+            if self._open >= self._max_connections:
+                log.warning("connection limit (%d) reached: refusing new connections with 503", self._max_connections)
+            else:
+                log.warning("%s has %d connections open (limit %d per uid/IP): refusing more with 503", peer,
+                            per_peer, self.config.max_connections_per_peer)
+        if self._refusing >= MAX_REFUSING:
+            stream.socket.close()       # under a flood: no answer, but no file descriptor held either
+            return
+        self._refusing += 1
+        nursery.start_soon(self._refuse, stream)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """503 + Huawei body at once, then close (after reading away the request briefly, so
+        that the client sees the reply rather than a reset)."""
+        try:
+            async with stream:
+                await self._reply_and_close(stream, _raw_error(
+                    503, "KMS.0103", "too many connections to the KMS; retry later", "Retry-After: 1\r\n"),
+                    linger=0.25)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._refusing -= 1
 
     # ---- one connection ----------------------------------------------------------------------
 
-    async def _connection(self, stream: trio.SocketStream, tcp: bool) -> None:
+    async def _connection(self, stream: trio.SocketStream, tcp: bool, peer: str) -> None:
         caller = None
-        if not tcp:
-            cred = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            _pid, uid, _gid = _PEERCRED.unpack(cred)
-            caller = caller_for_uid(uid)
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        reason = "closed"
         try:
+            if not tcp:
+                caller = caller_for_uid(int(peer[4:]))
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
             async with stream:
                 while True:
-                    if not await self._one_request(conn, stream, caller):
-                        return
-                    if conn.our_state is h11.MUST_CLOSE:
+                    reason = await self._one_request(conn, stream, caller, peer)
+                    if reason or conn.our_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            reason = "reset"
             return
+        finally:
+            self._open -= 1
+            n = self._per_peer.get(peer, 1) - 1
+            if n > 0:
+                self._per_peer[peer] = n
+            else:
+                self._per_peer.pop(peer, None)
+            log.debug("connection of %s ended (%s)", peer, reason or "close")
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream, timeout: float):
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            with trio.move_on_after(timeout) as scope:
-                data = await stream.receive_some(65536)
-            if scope.cancelled_caught:
-                return None
+    async def _reply_and_close(self, stream: trio.SocketStream, data: bytes, linger: float = 1.0) -> None:
+        """Send a final reply, then half-close and read away what the client is still sending
+        (briefly, boundedly): closing with unread data would reset the connection and the client
+        might never see the reply."""
+        with trio.move_on_after(min(self.config.idle_timeout, 5.0)):
+            await stream.send_all(data)
+            await stream.send_eof()
+            drained = 0
+            with trio.move_on_after(linger):
+                while drained < 1 << 20:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+
+    async def _fill(self, conn: h11.Connection, stream: trio.SocketStream, deadline: float) -> bool:
+        """Receive more bytes into h11 before ``deadline`` (trio clock). False on timeout."""
+        with trio.move_on_at(deadline):
+            data = await stream.receive_some(65536)
             conn.receive_data(data)
+            return True
+        return False
 
-    async def _one_request(self, conn: h11.Connection, stream: trio.SocketStream, caller: Caller | None) -> bool:
-        """Read, answer one request. False when the connection should end."""
+    async def _one_request(self, conn: h11.Connection, stream: trio.SocketStream, caller: Caller | None,
+                           peer: str) -> str:
+        """Read and answer one request. Returns '' to go on, else why the connection ends.
+
+        Deadlines are absolute, so a client sending a byte at a time cannot stretch them:
+        idle_timeout for the first byte of a request, header_timeout from there to the end of
+        the headers, body_timeout from there to the end of the body."""
+        cfg = self.config
         try:
-            event = await self._next_event(conn, stream, IDLE_TIMEOUT)
-            if event is None or isinstance(event, h11.ConnectionClosed):
-                return False
+            started = bool(conn.trailing_data[0])       # pipelined bytes already here
+            deadline = trio.current_time() + (cfg.header_timeout if started else cfg.idle_timeout)
+            while (event := conn.next_event()) is h11.NEED_DATA:
+                if not await self._fill(conn, stream, deadline):
+                    if not started:
+                        return "idle timeout"
+                    raise _Reply(KmsApiError("KMS.0201", f"request headers not complete within "
+                                                         f"{cfg.header_timeout:g}s", 408), close=True)
+                if not started:
+                    started = True
+                    deadline = trio.current_time() + cfg.header_timeout
+            if isinstance(event, h11.ConnectionClosed):
+                return "closed by peer"
             assert isinstance(event, h11.Request)
             start = time.perf_counter()
+            # h11 bounds only a head that arrives in pieces; one that arrives whole is measured here.
+            if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEADER_BYTES:
+                raise _Reply(KmsApiError("KMS.0203", f"request headers are longer than {MAX_HEADER_BYTES} bytes",
+                                         431))
             headers: dict[str, str] = {}
             for name, value in event.headers:
                 headers.setdefault(name.decode("latin-1"), value.decode("utf-8", "replace"))
@@ -234,10 +431,16 @@ class Server:
             if cl is not None and cl.isdigit() and int(cl) > MAX_BODY:
                 raise _Reply(KmsApiError("KMS.0203", f"request body is longer than {MAX_BODY} bytes"), close=True)
             body = bytearray()
+            deadline = trio.current_time() + cfg.body_timeout
             while True:
-                ev = await self._next_event(conn, stream, REQUEST_TIMEOUT)
-                if ev is None or isinstance(ev, h11.ConnectionClosed):
-                    return False
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    if not await self._fill(conn, stream, deadline):
+                        raise _Reply(KmsApiError("KMS.0201", f"request body not complete within "
+                                                             f"{cfg.body_timeout:g}s", 408), close=True)
+                    continue
+                if isinstance(ev, h11.ConnectionClosed):
+                    return "closed by peer mid-request"
                 if isinstance(ev, h11.Data):
                     body += ev.data
                     if len(body) > MAX_BODY:
@@ -246,47 +449,69 @@ class Server:
                 elif isinstance(ev, h11.EndOfMessage):
                     break
         except h11.RemoteProtocolError as e:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._send(conn, stream, Result(e.error_status_hint, KmsApiError(
-                    "KMS.0201", f"malformed HTTP request: {e}", e.error_status_hint).body()), close=True)
-            return False
+            # A fixed message: h11's own texts quote the offending bytes, which may be anything.
+            if e.error_status_hint == 431:
+                err = KmsApiError("KMS.0203", f"request headers are longer than {MAX_HEADER_BYTES} bytes", 431)
+            else:
+                err = KmsApiError("KMS.0201", "malformed HTTP request", 400)
+            await self._reply_and_close(stream, _raw_error(err.status, err.code, err.msg))
+            log.info("%s: malformed HTTP request -> %d %s", peer, err.status, err.code)
+            return "malformed request"
         except _Reply as r:
-            await self._send(conn, stream, Result(r.err.status, r.err.body(), error_code=r.err.code), close=r.close)
-            return not r.close
+            # Written raw: h11 will not answer a request it has not fully seen (timeouts).
+            await self._reply_and_close(stream, _raw_error(r.err.status, r.err.code, r.err.msg))
+            log.info("%s: %s -> %d %s", peer, r.err.msg, r.err.status, r.err.code)
+            return "refused request"
 
         method = event.method.decode("ascii", "replace")
         target = event.target.decode("ascii", "replace")
-        result, op, caller = await self._dispatch(method, target, headers, bytes(body), caller)
+        result, op, caller, limited = await self._dispatch(method, target, headers, bytes(body), caller, peer)
         await self._send(conn, stream, result)
         label = caller.label if caller else "anonymous"
+        if limited:
+            # Not audited (a flood would only fill audit.db); a warning every 10 s says who.
+            if self._limiter.should_warn(label if caller else peer):
+                log.warning("%s exceeds the rate limit of %g requests/s: refusing with 429",
+                            label if caller else peer, cfg.rate_limit)
+            return ""
         for rec in self.kms.audit_records(caller or Caller("", frozenset(), False, label), op, result):
             self.store.audit(rec)
         keys = ",".join(sorted({k for k, _ in result.touched if k})) or "-"
-        log.info("%s %s %s key=%s -> %d%s %.1fms", label, method, op or target, keys, result.status,
+        log.info("%s %s %s key=%s%s -> %d%s %.1fms", label, method, _printable(op or target), keys,
+                 f" aad={_printable(result.aad)}" if result.aad else "", result.status,
                  f" {result.error_code}" if result.error_code else "", (time.perf_counter() - start) * 1000)
-        return True
+        return ""
 
     async def _dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes,
-                        caller: Caller | None) -> tuple[Result, str, Caller | None]:
+                        caller: Caller | None, peer: str) -> tuple[Result, str, Caller | None, bool]:
+        """(result, operation, caller, rate_limited)."""
         op = ""
         try:
             if caller is None:      # TCP: the signature says who it is
-                cred = auth.verify(self.config.credentials or {}, method, target, headers, body, time.time())
+                if self._limiter.exhausted(peer):
+                    return self._too_many(peer), op, caller, True
+                try:
+                    cred = auth.verify(self.config.credentials or {}, method, target, headers, body, time.time())
+                except KmsApiError:
+                    self._limiter.allow(peer)       # failed signatures spend the address's budget
+                    raise
                 caller = caller_for_access_key(cred.user_name, cred.access_key)
+            if not self._limiter.allow(caller.label):
+                return self._too_many(caller.label), op, caller, True
             path, _, query_string = target.partition("?")
             parts = path.split("/")
             if path in ("/", "/v1.0", "/v1.0/") and method == "GET":
-                return Result(200, _versions()), "versions", caller
+                return Result(200, _versions()), "versions", caller, False
             if len(parts) < 5 or parts[0] != "" or parts[1] != "v1.0" or parts[3] != "kms" or not parts[4]:
-                raise KmsApiError("KMS.0201", f"invalid request URL {path}; expected /v1.0/{{project_id}}/kms/<operation>")
+                raise KmsApiError("KMS.0201", "invalid request URL; expected /v1.0/{project_id}/kms/<operation>")
             project = unquote(parts[2])
             op = unquote("/".join(parts[4:]))
             if project != self.config.project_id:
-                raise KmsApiError("KMS.0321", f"project id {project} in the URL is not this KMS's project "
-                                              f"({self.config.project_id})")
+                raise KmsApiError("KMS.0321", f"project id {_printable(project)[:80]} in the URL is not this "
+                                              f"KMS's project ({self.config.project_id})")
             hdr_project = headers.get("x-project-id")
             if hdr_project and hdr_project != self.config.project_id:
-                raise KmsApiError("KMS.0321", f"X-Project-Id {hdr_project} is not this KMS's project")
+                raise KmsApiError("KMS.0321", f"X-Project-Id {_printable(hdr_project)[:80]} is not this KMS's project")
             query = {}
             for part in query_string.split("&"):
                 if part:
@@ -297,26 +522,50 @@ class Server:
             else:
                 result = await trio.to_thread.run_sync(self.kms.handle, caller, method, op, query, body,
                                                        limiter=self._writes)
-            return result, op, caller
+            return result, op, caller, False
         except KmsApiError as e:
-            return Result(e.status, e.body(), error_code=e.code), op, caller
-        except Exception:
-            log.exception("internal error in %s %s", method, op)
+            return Result(e.status, e.body(), error_code=e.code), op, caller, False
+        except Exception as e:
+            # The type and place only: an exception's text might quote request data.
+            tb = e.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+            log.error("internal error in %s %s: %s at %s", method, _printable(op), type(e).__name__, where)
             e = KmsApiError("KMS.0101", "internal error in the KMS; see its log")
-            return Result(e.status, e.body(), error_code=e.code), op, caller
+            return Result(e.status, e.body(), error_code=e.code), op, caller, False
+
+    def _too_many(self, who: str) -> Result:
+        e = KmsApiError("APIGW.0308", f"the throttling threshold has been reached: at most "
+                                      f"{self.config.rate_limit:g} requests per second for {who}")
+        return Result(e.status, e.body(), error_code=e.code)
 
     async def _send(self, conn: h11.Connection, stream: trio.SocketStream, result: Result, close: bool = False) -> None:
         payload = json.dumps(result.body, separators=(",", ":")).encode()
         headers = [("Content-Type", "application/json;charset=UTF-8"), ("Content-Length", str(len(payload))),
                    ("X-Request-Id", f"{self._id_prefix}{next(self._request_ids):012x}")]
+        if result.status == 429:
+            headers.append(("Retry-After", "1"))
         if close:
             headers.append(("Connection", "close"))
-        reason = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
-                  500: b"Internal Server Error"}.get(result.status, b"")
-        data = conn.send(h11.Response(status_code=result.status, headers=headers, reason=reason))
+        data = conn.send(h11.Response(status_code=result.status, headers=headers,
+                                      reason=_REASONS.get(result.status, "").encode()))
         data += conn.send(h11.Data(data=payload))
         data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
+        # A client that does not read its replies must not hold the task forever.
+        with trio.move_on_after(self.config.idle_timeout) as scope:
+            await stream.send_all(data)
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("the client did not read its reply")
+
+
+def _printable(text: str) -> str:
+    """Caller-chosen text made safe for one log line: control characters and non-ASCII escaped."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isascii() and c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                   f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
 
 
 def _versions() -> dict:
@@ -326,7 +575,7 @@ def _versions() -> dict:
 
 def serve(config: ServerConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
-    store = Store(config.data_dir, clock=make_clock(config.clock_file))
+    store = Store(config.data_dir, clock=make_clock(config.clock_file), passphrase=config.passphrase)
     try:
         trio.run(Server(config, store).run)
     finally:

@@ -18,9 +18,12 @@ then replace the in-memory record; readers see either the old or the new immutab
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -35,6 +38,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ROOT_KEY_FILE = "root.key"
+SCRYPT_FILE = "root.scrypt"         # salt and parameters of a passphrase-derived root key
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1      # 128 MiB, a few tenths of a second
+_SCRYPT_CHECK = b"encfs-kms root key check v1"
 KEYS_DB = "keys.db"
 AUDIT_DB = "audit.db"
 LOCK_FILE = "lock"
@@ -113,6 +119,7 @@ class AuditRecord:
     outcome: str                    # "ok" / "error"
     status: int
     error_code: str
+    aad: str = ""                   # the request's additional_authenticated_data (not secret), ≤ 128 chars
 
 
 _KEYS_SCHEMA = """
@@ -183,11 +190,19 @@ CREATE TABLE IF NOT EXISTS audit (
     grant_id TEXT NOT NULL,
     outcome TEXT NOT NULL,
     status INTEGER NOT NULL,
-    error_code TEXT NOT NULL
+    error_code TEXT NOT NULL,
+    aad TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id, time_ms);
 CREATE INDEX IF NOT EXISTS audit_time ON audit(time_ms);
 """
+
+# Schema migrations of audit.db, applied in order by _migrate_audit (PRAGMA user_version counts
+# how many ran). 1: the request's AAD (audit.db files written before it lack the column).
+_AUDIT_MIGRATIONS = [
+    "ALTER TABLE audit ADD COLUMN aad TEXT NOT NULL DEFAULT ''",
+]
+_AUDIT_INDEXES = "CREATE INDEX IF NOT EXISTS audit_aad ON audit(aad, time_ms) WHERE aad != ''"
 
 
 def _check_private_dir(path: str) -> None:
@@ -199,41 +214,132 @@ def _check_private_dir(path: str) -> None:
                          f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w {path}")
 
 
-def load_or_create_root_key(data_dir: str) -> bytes:
-    """The root key (HSM stand-in): created once with O_EXCL and mode 0600, then only read.
-
-    Refuses a key file that group or others may read or write: such a key may have leaked.
-    """
-    path = os.path.join(data_dir, ROOT_KEY_FILE)
+def _private_file(path: str) -> None:
+    """Create ``path`` empty with mode 0600 (O_EXCL), before anything is written to it, or make
+    an existing one 0600. SQLite then opens the existing file and creates its -wal and -shm
+    files with the same mode, so no key-bearing file is ever readable by others, not even for
+    an instant, whatever the umask."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        pass
-    else:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            key = secrets.token_bytes(ROOT_KEY_BYTES)
-            os.write(fd, key)
-            os.fsync(fd)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{path} is not a regular file")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
-        dfd = os.open(data_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        return key
+    else:
+        os.close(fd)
+
+
+def _write_new_private(path: str, data: bytes) -> None:
+    """Create ``path`` (O_EXCL, mode 0600 from the start), write, fsync it and its directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_private(path: str, limit: int) -> bytes:
+    """Read a secret-bearing file, refusing one that group or others may access or that another
+    uid owns."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{path} is not a regular file")
         if st.st_mode & 0o077:
-            raise StoreError(f"refusing to use root key {path}: group or others have access "
+            raise StoreError(f"refusing to use {path}: group or others have access "
                              f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}")
         if st.st_uid != os.geteuid():
-            raise StoreError(f"refusing to use root key {path}: owned by uid {st.st_uid}, "
+            raise StoreError(f"refusing to use {path}: owned by uid {st.st_uid}, "
                              f"not by the daemon's uid {os.geteuid()}")
-        key = os.read(fd, ROOT_KEY_BYTES + 1)
+        return os.read(fd, limit)
     finally:
         os.close(fd)
+
+
+def _check_fresh(data_dir: str, what: str) -> None:
+    """A new root key is made only for a data dir without keys: in one with keys it could
+    unwrap nothing, and every key would look lost."""
+    db = os.path.join(data_dir, KEYS_DB)
+    if os.path.exists(db) and os.path.getsize(db) > 0:
+        raise StoreError(f"{data_dir} holds keys ({KEYS_DB}) but no {what}; restore the {what} from "
+                         f"its backup (a new one could unwrap nothing)")
+
+
+def derive_root_key(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(passphrase, salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024 + 128 * r * p * 1024,
+                          dklen=ROOT_KEY_BYTES)
+
+
+def _passphrase_root_key(data_dir: str, passphrase: bytes, n: int = SCRYPT_N) -> bytes:
+    """The root key derived from a passphrase with scrypt. The salt, the parameters and a check
+    value (HMAC of a constant under the derived key, to tell a wrong passphrase from damage)
+    live in ``root.scrypt``, created 0600 on first use."""
+    if os.path.exists(os.path.join(data_dir, ROOT_KEY_FILE)):
+        raise StoreError(f"{data_dir} has a root key file ({ROOT_KEY_FILE}); refusing to also use a "
+                         f"passphrase (a data dir uses one or the other)")
+    path = os.path.join(data_dir, SCRYPT_FILE)
+    if not passphrase:
+        raise StoreError("the passphrase is empty")
+    if not os.path.exists(path):
+        _check_fresh(data_dir, SCRYPT_FILE)
+        salt = secrets.token_bytes(16)
+        key = derive_root_key(passphrase, salt, n, SCRYPT_R, SCRYPT_P)
+        meta = {"kdf": "scrypt", "salt": base64.b64encode(salt).decode(), "n": n, "r": SCRYPT_R, "p": SCRYPT_P,
+                "check": hmac.new(key, _SCRYPT_CHECK, hashlib.sha256).hexdigest()}
+        _write_new_private(path, (json.dumps(meta, indent=1) + "\n").encode())
+        return key
+    try:
+        meta = json.loads(_read_private(path, 4096))
+        salt = base64.b64decode(meta["salt"], validate=True)
+        n, r, p, check = meta["n"], meta["r"], meta["p"], meta["check"]
+        if not (meta.get("kdf") == "scrypt" and isinstance(n, int) and 2**10 <= n <= 2**22 and n & (n - 1) == 0
+                and isinstance(r, int) and 1 <= r <= 32 and isinstance(p, int) and 1 <= p <= 16
+                and isinstance(check, str) and len(salt) >= 16):
+            raise ValueError("parameters out of range")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path} is damaged ({type(e).__name__}); restore it from its backup") from None
+    key = derive_root_key(passphrase, salt, n, r, p)
+    if not hmac.compare_digest(hmac.new(key, _SCRYPT_CHECK, hashlib.sha256).hexdigest().encode(),
+                               check.encode("ascii", "replace")):
+        raise StoreError("wrong passphrase for this data dir")
+    return key
+
+
+def load_or_create_root_key(data_dir: str, passphrase: bytes | None = None, scrypt_n: int = SCRYPT_N) -> bytes:
+    """The root key (HSM stand-in): created once with O_EXCL and mode 0600, then only read; or,
+    with a passphrase, derived from it with scrypt (salt and parameters in root.scrypt).
+
+    Refuses a key file that group or others may read or write: such a key may have leaked.
+    Refuses to mix: a data dir with root.key takes no passphrase, one with root.scrypt needs it.
+    """
+    if passphrase is not None:
+        return _passphrase_root_key(data_dir, passphrase, scrypt_n)
+    if os.path.exists(os.path.join(data_dir, SCRYPT_FILE)):
+        raise StoreError(f"{data_dir} uses a root key derived from a passphrase ({SCRYPT_FILE}); give "
+                         f"--passphrase-file FILE or KMS_PASSPHRASE")
+    path = os.path.join(data_dir, ROOT_KEY_FILE)
+    if not os.path.exists(path):
+        _check_fresh(data_dir, ROOT_KEY_FILE)
+    try:
+        key = secrets.token_bytes(ROOT_KEY_BYTES)
+        _write_new_private(path, key)
+        return key
+    except FileExistsError:
+        pass
+    key = _read_private(path, ROOT_KEY_BYTES + 1)
     if len(key) != ROOT_KEY_BYTES:
         raise StoreError(f"root key {path} is damaged (expected {ROOT_KEY_BYTES} bytes)")
     return key
@@ -267,7 +373,8 @@ class Store:
     lookups read immutable records from dicts without locking.
     """
 
-    def __init__(self, data_dir: str, clock: Callable[[], int] | None = None) -> None:
+    def __init__(self, data_dir: str, clock: Callable[[], int] | None = None, passphrase: bytes | None = None,
+                 scrypt_n: int = SCRYPT_N) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock or (lambda: int(time.time() * 1000))
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
@@ -278,10 +385,15 @@ class Store:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise StoreError(f"another kms daemon is using {self.data_dir}") from None
-        self._aead = AESGCM(load_or_create_root_key(self.data_dir))
+        try:
+            self._aead = AESGCM(load_or_create_root_key(self.data_dir, passphrase, scrypt_n))
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._lock = threading.RLock()
         self._db = self._open(os.path.join(self.data_dir, KEYS_DB), "FULL", _KEYS_SCHEMA)
         self._audit_db = self._open(os.path.join(self.data_dir, AUDIT_DB), "NORMAL", _AUDIT_SCHEMA)
+        _migrate_audit(self._audit_db)
         self._audit_lock = threading.Lock()
         # A deque: append (event loop) and popleft (flush, maybe in a worker thread) are atomic.
         self._audit_pending: collections.deque[AuditRecord] = collections.deque()
@@ -291,13 +403,16 @@ class Store:
     def _open(path: str, sync: str, schema: str) -> sqlite3.Connection:
         # check_same_thread=False: the server runs writes in a worker thread; self._lock
         # (or the audit lock) serialises every use of a connection.
+        _private_file(path)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync}")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(schema)
-        os.chmod(path, 0o600)
+        for suffix in ("-wal", "-shm"):     # SQLite gives them the mode of the database file
+            if os.path.exists(path + suffix):
+                _private_file(path + suffix)
         return db
 
     def _load(self) -> None:
@@ -561,20 +676,23 @@ class Store:
                 return
             with _Tx(self._audit_db) as db:
                 db.executemany("INSERT INTO audit (time_ms, caller, operation, key_id, grant_id, outcome, "
-                               "status, error_code) VALUES (?,?,?,?,?,?,?,?)",
+                               "status, error_code, aad) VALUES (?,?,?,?,?,?,?,?,?)",
                                # explicit tuples: dataclasses.astuple deep-copies, too slow here
                                [(r.time_ms, r.caller, r.operation, r.key_id, r.grant_id, r.outcome,
-                                 r.status, r.error_code) for r in rows])
+                                 r.status, r.error_code, r.aad) for r in rows])
 
     def query_audit(self, *, key_id: str | None = None, since_ms: int | None = None,
                     callers: Iterable[str] | None = None, key_ids: Iterable[str] | None = None,
-                    limit: int = 1000) -> list[AuditRecord]:
+                    aad: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """Newest-last audit rows. ``callers``/``key_ids`` restrict to what a non-root caller may see."""
         self.flush_audit()
         where, args = [], []
         if key_id:
             where.append("key_id=?")
             args.append(key_id)
+        if aad:
+            where.append("aad=?")
+            args.append(aad)
         if since_ms is not None:
             where.append("time_ms>=?")
             args.append(since_ms)
@@ -588,7 +706,7 @@ class Store:
                 ors.append(f"key_id IN ({','.join('?' * len(key_ids))})")
                 args.extend(key_ids)
             where.append("(" + (" OR ".join(ors) or "0") + ")")
-        sql = "SELECT time_ms, caller, operation, key_id, grant_id, outcome, status, error_code FROM audit"
+        sql = "SELECT time_ms, caller, operation, key_id, grant_id, outcome, status, error_code, aad FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
@@ -596,6 +714,20 @@ class Store:
         with self._audit_lock:
             rows = self._audit_db.execute(sql, args).fetchall()
         return [AuditRecord(*r) for r in reversed(rows)]
+
+
+def _migrate_audit(db: sqlite3.Connection) -> None:
+    """Bring an audit.db of an older version up to date. A fresh file already has every column
+    (from _AUDIT_SCHEMA); an old one gets them added. Idempotent and crash-safe: each step runs
+    in one transaction with the user_version bump."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    columns = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+    for i, sql in enumerate(_AUDIT_MIGRATIONS[version:], start=version):
+        with _Tx(db):
+            if not (sql.startswith("ALTER TABLE audit ADD COLUMN ") and sql.split()[5] in columns):
+                db.execute(sql)
+            db.execute(f"PRAGMA user_version={i + 1}")
+    db.execute(_AUDIT_INDEXES)
 
 
 class _Tx:

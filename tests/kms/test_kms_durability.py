@@ -128,16 +128,18 @@ def test_audit_cli_and_no_key_material_in_audit(kms_server, capsys):
     out = capsys.readouterr().out
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["TIME", "CALLER", "OPERATION", "KEY_ID", "GRANT", "OUTCOME", "STATUS", "ERROR"]
-    rows = [ln.split() for ln in lines[1:]]     # date, time, caller, operation, key, grant, outcome, status, error
-    assert [r[3:5] + r[6:] for r in rows if r[3] == "create-key"] == [["create-key", kid, "ok", "200", "-"]]
-    assert ["decrypt-datakey", kid, "error", "400", "KMS.2203"] in [r[3:5] + r[6:] for r in rows]
+    assert lines[0].split() == ["TIME", "CALLER", "OPERATION", "KEY_ID", "AAD", "GRANT", "OUTCOME", "STATUS",
+                                "ERROR"]
+    rows = [ln.split() for ln in lines[1:]]     # date, time, caller, operation, key, aad, grant, outcome, status, error
+    assert [r[3:6] + r[7:] for r in rows if r[3] == "create-key"] == [["create-key", kid, "-", "ok", "200", "-"]]
+    assert ["decrypt-datakey", kid, "wrong", "error", "400", "KMS.2203"] in [r[3:6] + r[7:] for r in rows]
     assert other not in out
     code = main(["--socket", kms_server.socket_path, "--json", "audit", "--since", "2026-01-01T00:00:00"])
     import json
     recs = json.loads(capsys.readouterr().out)["records"]
     assert {r["caller"] for r in recs} == {f"uid={os.geteuid()}"}
-    assert all(set(r) == {"time", "caller", "operation", "key_id", "grant_id", "outcome", "status", "error_code"}
+    assert all(set(r) == {"time", "caller", "operation", "key_id", "grant_id", "outcome", "status", "error_code",
+                          "aad"}
                for r in recs)
     kms_server.stop()                           # flushes; then look at the files themselves
     for name in os.listdir(kms_server.data_dir):
