@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import pyfuse3
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--kms-socket", help="KMS Unix socket (default: $KMS_SOCKET or "
                    f"{default_socket_path()}; a local KMS is started there if none answers)")
+    p.add_argument("--kms-url", help="a KMS over HTTP(S) instead of a socket, e.g. "
+                   "https://kms.REGION.myhuaweicloud.com or http://127.0.0.1:PORT "
+                   "(needs --credentials)")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="Huawei access-key CSV (User Name,Access Key Id,Secret Access Key) "
+                   "for --kms-url; mode 0600")
     p.add_argument("--project-id", help="KMS project id (default: $KMS_PROJECT_ID or 'local')")
     p.add_argument("--key", default=DEFAULT_KEY,
                    help=f"CMK (id or alias) for new files (default: {DEFAULT_KEY})")
@@ -81,9 +88,8 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if os.path.commonpath([os.fsdecode(backing), mountpoint]) in (os.fsdecode(backing),
                                                                   mountpoint):
         raise UserError("backing directory and mountpoint must not contain each other")
-    project_id = args.project_id or default_project_id()
-    socket_path = _kms_socket(args.kms_socket, project_id)
-    key_id = _check_key(socket_path, project_id, args.key)
+    kms = _kms_target(args)
+    key_id = _check_key(kms, args.key)
 
     if not args.foreground:
         return _spawn_background(args, argv, backing, mountpoint)
@@ -107,7 +113,7 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
     clean = False
     try:
-        trio.run(_serve, ops, socket_path, project_id, key_id, args.key_cache_ttl)
+        trio.run(_serve, ops, kms, key_id, args.key_cache_ttl)
         clean = True
     finally:
         ops.close_all()
@@ -116,9 +122,8 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
-async def _serve(ops: EncFS, socket_path: str, project_id: str, key_id: str,
-                 ttl: float) -> None:
-    kms = AsyncKmsClient(socket_path, project_id=project_id)
+async def _serve(ops: EncFS, target: "KmsTarget", key_id: str, ttl: float) -> None:
+    kms = target.async_client()
     ops.keys = KeyManager(kms, key_id, ttl=ttl)
     try:
         async with trio.open_nursery() as nursery:
@@ -145,35 +150,74 @@ def _setup_logging(debug: bool) -> None:
 
 # --- KMS --------------------------------------------------------------------------------
 
-def _kms_socket(flag: str | None, project_id: str) -> str:
-    """The KMS socket to use; with neither flag nor $KMS_SOCKET, start a local KMS if none runs."""
-    explicit = flag or os.environ.get(SOCKET_ENV)
-    socket_path = explicit or default_socket_path()
-    if _kms_answers(socket_path, project_id):
-        return socket_path
+@dataclass(frozen=True)
+class KmsTarget:
+    """Where the KMS is: a Unix socket, or a URL with AK/SK credentials."""
+
+    project_id: str
+    socket_path: str | None = None
+    url: str | None = None
+    credentials: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.url or self.socket_path or ""
+
+    def client(self, timeout: float = 10.0) -> KmsClient:
+        if self.url:
+            return KmsClient.from_credentials_file(self.url, self.credentials,
+                                                   project_id=self.project_id, timeout=timeout)
+        return KmsClient(self.socket_path, project_id=self.project_id, timeout=timeout)
+
+    def async_client(self) -> AsyncKmsClient:
+        if self.url:
+            return AsyncKmsClient.from_credentials_file(self.url, self.credentials,
+                                                        project_id=self.project_id)
+        return AsyncKmsClient(self.socket_path, project_id=self.project_id)
+
+
+def _kms_target(args: argparse.Namespace) -> KmsTarget:
+    """The KMS to use; with no flag and no $KMS_SOCKET, start a local KMS if none runs."""
+    project_id = args.project_id or default_project_id()
+    if args.kms_url:
+        if not args.credentials:
+            raise UserError("--kms-url needs --credentials FILE (Huawei's access-key CSV)")
+        target = KmsTarget(project_id, url=args.kms_url, credentials=args.credentials)
+        try:
+            with target.client() as c:
+                c.call("list-keys", {"limit": "1"})
+        except KmsError as e:
+            raise UserError(f"the KMS at {args.kms_url} refused us: {e}") from None
+        except (OSError, ValueError) as e:  # an unreadable or unsafe credentials file
+            raise UserError(f"credentials {args.credentials}: {e}") from None
+        return target
+    explicit = args.kms_socket or os.environ.get(SOCKET_ENV)
+    target = KmsTarget(project_id, socket_path=explicit or default_socket_path())
+    if _kms_answers(target):
+        return target
     if explicit:
         try:
-            KmsClient(socket_path, project_id=project_id, timeout=5).call("list-keys",
-                                                                           {"limit": "1"})
+            target.client(timeout=5).call("list-keys", {"limit": "1"})
         except KmsError as e:
             raise UserError(str(e)) from None
-    start_local_kms(socket_path, default_data_dir(), project_id)
-    return socket_path
+    start_local_kms(target, default_data_dir())
+    return target
 
 
-def _kms_answers(socket_path: str, project_id: str) -> bool:
+def _kms_answers(target: KmsTarget) -> bool:
     try:
-        with KmsClient(socket_path, project_id=project_id, timeout=5) as c:
+        with target.client(timeout=5) as c:
             c.call("list-keys", {"limit": "1"})
         return True
     except KmsUnavailable:
         return False
     except KmsError as e:
-        raise UserError(f"the KMS at {socket_path} refused us: {e}") from None
+        raise UserError(f"the KMS at {target.where} refused us: {e}") from None
 
 
-def start_local_kms(socket_path: str, data_dir: str, project_id: str) -> int:
+def start_local_kms(target: KmsTarget, data_dir: str) -> int:
     """Start `kms serve` detached from us, wait until it answers, return its pid."""
+    socket_path, project_id = target.socket_path, target.project_id
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(data_dir, "kms.log")
@@ -185,7 +229,7 @@ def start_local_kms(socket_path: str, data_dir: str, project_id: str) -> int:
     with open(os.path.join(data_dir, "kms.pid"), "w") as f:
         f.write(f"{proc.pid}\n")
     deadline = time.monotonic() + READY_TIMEOUT
-    while not _kms_answers(socket_path, project_id):
+    while not _kms_answers(target):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise UserError(f"could not start a local KMS (see {log_path})")
         time.sleep(0.05)
@@ -194,14 +238,14 @@ def start_local_kms(socket_path: str, data_dir: str, project_id: str) -> int:
     return proc.pid
 
 
-def _check_key(socket_path: str, project_id: str, ref: str) -> str:
+def _check_key(target: KmsTarget, ref: str) -> str:
     """Resolve the CMK for new files and make sure it can be used now."""
     try:
-        with KmsClient(socket_path, project_id=project_id) as c:
+        with target.client() as c:
             info = c.resolve_key(ref)
     except KmsError as e:
         if e.error_code in ("KMS.0207", "KMS.0205"):
-            raise UserError(f"key {ref!r} is unknown to the KMS at {socket_path}; "
+            raise UserError(f"key {ref!r} is unknown to the KMS at {target.where}; "
                             f"create it with: kms create-key --alias {ref}") from None
         raise UserError(f"cannot use key {ref!r}: {e}") from None
     state = info.get("key_state")

@@ -102,6 +102,7 @@ def start_kms_server(workdir: str | None = None, project_id: str = DEFAULT_PROJE
                      env: dict[str, str] | None = None) -> KmsServer:
     """Start ``kms serve`` in a fresh directory; the caller must call ``.stop()``."""
     workdir = workdir or _short_tempdir("kms-")
+    os.makedirs(workdir, exist_ok=True)
     server = KmsServer(socket_path=os.path.join(workdir, "kms.sock"),
                        data_dir=os.path.join(workdir, "data"), project_id=project_id,
                        log_path=os.path.join(workdir, "kms.log"), process=None,  # type: ignore[arg-type]

@@ -148,3 +148,49 @@ def test_mount_starts_a_local_kms_with_default_key(dirs):
                 pass
         for pid in daemons:
             assert wait_gone(pid)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.fuse
+def test_mount_over_kms_url_with_ak_sk(dirs):
+    """`--kms-url` signs every request with AK/SK; a wrong SK is refused with a clear line."""
+    from encfs.pytest_plugin import start_kms_server
+
+    work, backing, mnt, daemons = dirs
+    creds = os.path.join(work, "credentials.csv")
+    with open(creds, "w") as f:
+        f.write("User Name,Access Key Id,Secret Access Key\nalice,AKTEST123,s3cr3t-sk\n")
+    os.chmod(creds, 0o600)
+    port = _free_port()
+    kms = start_kms_server(os.path.join(work, "kms"),
+                           extra_args=["--listen", f"127.0.0.1:{port}", "--credentials", creds])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        res = run(["mount", backing, mnt, "--kms-url", url, "--credentials", creds])
+        assert res.returncode == 0, res.stderr
+        daemons.append(mount_pid(mnt))
+        with open(f"{mnt}/a", "w") as f:
+            f.write("over tcp\n")
+        assert open(f"{mnt}/a").read() == "over tcp\n"
+        assert run(["umount", mnt]).returncode == 0
+        # The key belongs to the access key's user, not to the socket's uid 0.
+        rec_key = open(f"{backing}/a.sfskey", "rb").read()
+        audit = subprocess.run([sys.executable, "-m", "kms", "--socket", kms.socket_path,
+                                "--json", "audit"], capture_output=True, text=True)
+        assert "ak=AKTEST123" in audit.stdout and rec_key
+        bad = os.path.join(work, "bad.csv")
+        with open(bad, "w") as f:
+            f.write("User Name,Access Key Id,Secret Access Key\nalice,AKTEST123,wrong\n")
+        os.chmod(bad, 0o600)
+        res = run(["mount", backing, mnt, "--kms-url", url, "--credentials", bad])
+        line = one_line_error(res)
+        assert "KMS.0302" in line and url in line
+        assert not os.path.ismount(mnt)
+    finally:
+        kms.stop()
