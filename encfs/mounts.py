@@ -47,4 +47,4 @@ def backing_path_of(path: str) -> str:
                 best = m
     if best is None:
         return path
-    return os.path.join(best.backing, os.path.relpath(real, best.mountpoint))
+    return os.path.normpath(os.path.join(best.backing, os.path.relpath(real, best.mountpoint)))
