@@ -4,6 +4,8 @@ multi-file changes (a data file and its sidecar). Plain synchronous I/O, no FUSE
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import json
 import os
@@ -156,3 +158,37 @@ def is_reserved(parent_is_root: bool, name: bytes) -> bool:
 
 def reserved_errno() -> int:
     return errno.EINVAL
+
+
+# --- writing data files -------------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Reserve backing space for ``[offset, offset+length)`` without changing the size.
+
+    Done before a write touches anything, so that a full disk fails the request with
+    ENOSPC up front instead of tearing a block halfway through a pwrite (gocryptfs does the
+    same). False when the backing filesystem cannot preallocate (then writes go ahead
+    unprotected); OSError(ENOSPC, ...) when the space is not there.
+    """
+    if length <= 0:
+        return True
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite that never leaves a short write behind silently."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

@@ -14,10 +14,12 @@ path must add a real per-inode lock around it first.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
 import stat
+import time
 from typing import Any, Callable
 
 import pyfuse3
@@ -57,6 +59,26 @@ class Node:
         self.key_lock = trio.Lock()
         self.block_size: int | None = None
         self.dir_dirty = False  # a directory entry of this file is not yet fsynced
+
+
+def _open_backing(path: bytes, flags: int, mode: int = 0o600) -> int:
+    """Open a backing data file without atime updates: our own reads (headers, the
+    read-modify-write of partial blocks) must not look like user reads. `EncFS.read` lets
+    real user reads update atime. O_NOATIME needs ownership or CAP_FOWNER; without either
+    the open proceeds without it."""
+    try:
+        return os.open(path, flags | os.O_NOATIME, mode)
+    except PermissionError:
+        return os.open(path, flags, mode)
+
+
+#: relatime: atime is updated when it is not newer than mtime or ctime, or a day old.
+_RELATIME_NS = 24 * 3600 * 10**9
+
+
+def _atime_due(st: os.stat_result) -> bool:
+    return (st.st_atime_ns <= st.st_mtime_ns or st.st_atime_ns <= st.st_ctime_ns
+            or time.time_ns() - st.st_atime_ns >= _RELATIME_NS)
 
 
 def _fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -100,10 +122,12 @@ class EncFS(pyfuse3.Operations):
         self.timeout = 0.0 if shared_backing else cache_timeout
         self.enable_writeback_cache = not shared_backing
         self.keep_cache = not shared_backing
+        self.can_preallocate = True  # until the backing filesystem says it cannot
+        self.max_write_seen = 0  # the largest write request so far (root control xattr)
         self.root_ino = os.lstat(backing).st_ino
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
         self.nodes[ROOT].lookups = 1
-        self.dir_handles: dict[int, tuple[int, list[tuple[bytes, os.stat_result]]]] = {}
+        self.dir_handles: dict[int, tuple[int, list[bytes]]] = {}
         self._next_dh = 1
         self.as_root = os.geteuid() == 0
 
@@ -115,9 +139,25 @@ class EncFS(pyfuse3.Operations):
             node = self.nodes.get(ino)
             if node is None or not node.links:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            ino, name = next(iter(node.links))
+            if len(node.links) == 1:
+                ino, name = next(iter(node.links))
+            else:
+                ino, name = self._live_link(node)
             parts.append(name)
         return os.path.join(self.backing, *reversed(parts)) if parts else self.backing
+
+    def _live_link(self, node: Node) -> tuple[int, bytes]:
+        """One of several names of a node that still leads to it; drops names that no
+        longer do (changed behind our back, with --shared-backing)."""
+        for parent, name in sorted(node.links):
+            try:
+                st = os.lstat(os.path.join(self._path(parent), name))
+            except (OSError, pyfuse3.FUSEError):
+                st = None
+            if st is not None and self._ino(st) == node.ino:
+                return parent, name
+            node.links.discard((parent, name))
+        raise pyfuse3.FUSEError(errno.ENOENT)
 
     def _child(self, parent: int, name: bytes) -> bytes:
         if bk.is_reserved(parent == ROOT, name):
@@ -185,14 +225,26 @@ class EncFS(pyfuse3.Operations):
             return os.fstat(node.fd)
         return os.lstat(self._path(ino))
 
-    def _chown_new(self, path: bytes, ctx: pyfuse3.RequestContext, fd: int | None = None) -> None:
-        """New objects belong to the caller. Set explicitly: the daemon never switches uid."""
+    def _chown_new(self, path: bytes, ctx: pyfuse3.RequestContext, fd: int | None = None,
+                   mode: int | None = None) -> None:
+        """New objects belong to the caller. Set explicitly: the daemon never switches uid.
+
+        In a set-group-id directory the group the backing filesystem gave (the directory's)
+        stays, as on ext4. chown clears set-uid/set-gid bits, so a requested mode with them
+        is put back (the kernel already decided the caller may have them).
+        """
         if not self.as_root:
             return
+        gid = -1 if os.lstat(os.path.dirname(path)).st_mode & stat.S_ISGID else ctx.gid
         if fd is not None:
-            os.fchown(fd, ctx.uid, ctx.gid)
+            os.fchown(fd, ctx.uid, gid)
         else:
-            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+            os.chown(path, ctx.uid, gid, follow_symlinks=False)
+        if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+            if fd is not None:
+                os.fchmod(fd, stat.S_IMODE(mode))
+            elif not stat.S_ISLNK(mode):
+                os.chmod(path, stat.S_IMODE(mode), follow_symlinks=False)
 
     # --- keys ---------------------------------------------------------------------------
 
@@ -281,7 +333,7 @@ class EncFS(pyfuse3.Operations):
 
     def _ensure_header(self, node: Node, csize: int) -> None:
         if csize < fmt.HEADER_SIZE:
-            os.pwrite(node.fd, fmt.encode_header(node.record.file_id, node.block_size), 0)
+            bk.pwrite_all(node.fd, fmt.encode_header(node.record.file_id, node.block_size), 0)
 
     def _pad_tail(self, node: Node, old: int, upto_block: int) -> None:
         """Re-encrypt a partial last block as a full one before the file grows past it."""
@@ -289,15 +341,35 @@ class EncFS(pyfuse3.Operations):
         tail_block, used = divmod(old, bs)
         if used and tail_block < upto_block:
             tail = self._read_plain(node, tail_block * bs, old)
-            os.pwrite(node.fd, node.cipher.encrypt(tail_block, tail + bytes(bs - used)),
-                      fmt.block_offset(tail_block, bs))
+            bk.pwrite_all(node.fd, node.cipher.encrypt(tail_block, tail + bytes(bs - used)),
+                          fmt.block_offset(tail_block, bs))
+
+    def _reserve(self, node: Node, csize: int, old: int, first: int, last: int) -> None:
+        """Preallocate every backing byte that writing plaintext blocks first..last (plus
+        the header, and the old partial tail block that gets re-padded) will touch, before
+        any of it is written: a full backing disk then fails the request cleanly with
+        ENOSPC instead of tearing a block. Blocks in between stay holes."""
+        if not self.can_preallocate:
+            return
+        bs = node.block_size
+        ranges = [(fmt.block_offset(first, bs), fmt.block_offset(last + 1, bs))]
+        if csize < fmt.HEADER_SIZE:
+            ranges.append((0, fmt.HEADER_SIZE))
+        if old % bs and old // bs < first:
+            ranges.append((fmt.block_offset(old // bs, bs), fmt.block_offset(old // bs + 1, bs)))
+        for start, end in ranges:
+            # Also inside the file: the range may be a hole; allocated ranges cost a lookup.
+            if not bk.preallocate(node.fd, start, end - start):
+                self.can_preallocate = False
+                return
 
     def _write(self, node: Node, off: int, data: bytes) -> None:
         bs = node.block_size
         csize, old = self._plain_size(node)
-        self._ensure_header(node, csize)
         end = off + len(data)
         first, last = off // bs, (end - 1) // bs
+        self._reserve(node, csize, old, first, last)
+        self._ensure_header(node, csize)
         self._pad_tail(node, old, first)
         start = first * bs
         stop = min((last + 1) * bs, max(old, end))
@@ -306,8 +378,8 @@ class EncFS(pyfuse3.Operations):
         head += bytes(off - start - len(head))
         tail = self._read_plain(node, end, stop) if stop > end and end < old else b""
         tail += bytes(stop - end - len(tail))
-        os.pwrite(node.fd, node.cipher.encrypt(first, b"".join((head, data, tail))),
-                  fmt.block_offset(first, bs))
+        bk.pwrite_all(node.fd, node.cipher.encrypt(first, b"".join((head, data, tail))),
+                      fmt.block_offset(first, bs))
 
     def _truncate(self, node: Node, new: int) -> None:
         bs = node.block_size
@@ -318,8 +390,10 @@ class EncFS(pyfuse3.Operations):
         if new == 0:
             os.ftruncate(fd, 0)
             return
-        self._ensure_header(node, csize)
         nb, rem = divmod(new, bs)
+        if new > old:
+            self._reserve(node, csize, old, nb, nb)
+        self._ensure_header(node, csize)
         if new < old:
             part = self._read_plain(node, nb * bs, new) if rem else b""
             os.ftruncate(fd, fmt.block_offset(nb, bs))
@@ -331,7 +405,7 @@ class EncFS(pyfuse3.Operations):
                 part = bytes(rem)
                 os.ftruncate(fd, fmt.block_offset(nb, bs))  # blocks in between stay holes
         if part:
-            os.pwrite(fd, node.cipher.encrypt(nb, part), fmt.block_offset(nb, bs))
+            bk.pwrite_all(fd, node.cipher.encrypt(nb, part), fmt.block_offset(nb, bs))
             os.ftruncate(fd, fmt.cipher_size(new, bs))
 
     # --- open files ---------------------------------------------------------------------
@@ -341,7 +415,7 @@ class EncFS(pyfuse3.Operations):
         if node.fd is None:
             # Always read-write and never O_APPEND: writeback caching makes the kernel
             # read through write-only handles and pick append offsets itself.
-            node.fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            node.fd = _open_backing(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         node.opens += 1
         try:
             await self._load_key(node, path, node.fd)
@@ -433,12 +507,13 @@ class EncFS(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         path = self._new_name(parent_inode, name)
         record, dek = await self._new_key()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     stat.S_IMODE(mode))
+        fd = _open_backing(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, stat.S_IMODE(mode))
         try:
-            self._chown_new(path, ctx, fd)
+            self._chown_new(path, ctx, fd, mode)
+            st = os.fstat(fd)
             bk.write_sidecar(self.backing, path, record,
-                             *((ctx.uid, ctx.gid) if self.as_root else ()))
+                             *((st.st_uid, st.st_gid) if self.as_root else ()))
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -476,15 +551,27 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self.nodes[fh]
-        _, plain = self._plain_size(node)
+        st = os.fstat(node.fd)
+        plain = fmt.plain_size(st.st_size, node.block_size)
         if off >= plain or size == 0:
             return b""
-        return self._read_plain(node, off, min(off + size, plain))
+        if not _atime_due(st):
+            return self._read_plain(node, off, min(off + size, plain))
+        # A user read that would update atime on the backing filesystem (relatime): let
+        # this one pread do it, so the backing's own atime policy applies.
+        flags = fcntl.fcntl(node.fd, fcntl.F_GETFL)
+        fcntl.fcntl(node.fd, fcntl.F_SETFL, flags & ~os.O_NOATIME)
+        try:
+            return self._read_plain(node, off, min(off + size, plain))
+        finally:
+            fcntl.fcntl(node.fd, fcntl.F_SETFL, flags)
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if buf:
             self._write(self.nodes[fh], off, buf)
+            if len(buf) > self.max_write_seen:
+                self.max_write_seen = len(buf)
         return len(buf)
 
     async def flush(self, fh: int) -> None:
@@ -517,7 +604,7 @@ class EncFS(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
         path = self._new_name(parent_inode, name)
         os.mkdir(path, stat.S_IMODE(mode))
-        self._chown_new(path, ctx)
+        self._chown_new(path, ctx, mode=mode)
         st = os.lstat(path)
         return self._attr(st, self._remember(st, parent_inode, name).ino)
 
@@ -630,7 +717,7 @@ class EncFS(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
         path = self._new_name(parent_inode, name)
         os.mknod(path, mode, rdev)
-        self._chown_new(path, ctx)
+        self._chown_new(path, ctx, mode=mode)
         st = os.lstat(path)
         return self._attr(st, self._remember(st, parent_inode, name).ino)
 
@@ -638,15 +725,16 @@ class EncFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx) -> int:
         # One listing per handle: re-listing on every READDIRPLUS call is quadratic.
         path = self._path(inode)
-        entries = []
-        with os.scandir(path) as it:
-            for entry in it:
-                if bk.is_reserved(inode == ROOT, entry.name):
-                    continue
-                try:
-                    entries.append((entry.name, entry.stat(follow_symlinks=False)))
-                except FileNotFoundError:
-                    continue
+        node = self.nodes.get(inode)
+        # Names only: their attributes are taken when they are returned (readdir).
+        entries = [n for n in os.listdir(path) if not bk.is_reserved(inode == ROOT, n)]
+        if node is not None and inode != ROOT:
+            # Hold the directory open, like a file: fstat and fsyncdir keep working
+            # after it is removed (fdopendir() stats an open, possibly removed dir).
+            if node.fd is None:
+                node.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC)
+            node.opens += 1
         fh = self._next_dh
         self._next_dh += 1
         self.dir_handles[fh] = (inode, entries)
@@ -654,19 +742,38 @@ class EncFS(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token) -> None:
         parent, entries = self.dir_handles[fh]
+        try:
+            dirpath = self._path(parent)
+        except pyfuse3.FUSEError:
+            return  # removed since opendir: nothing more to list
         for i in range(start_id, len(entries)):
-            name, st = entries[i]
+            name = entries[i]
+            # Attributes now, not from opendir: READDIRPLUS hands the kernel an inode per
+            # entry, and a name removed meanwhile (whose inode number the backing fs may
+            # already have reused) must not be linked to that number.
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
             if not pyfuse3.readdir_reply(token, name, self._attr(st, self._ino(st)), i + 1):
                 break
             self._remember(st, parent, name)
 
     async def releasedir(self, fh: int) -> None:
-        self.dir_handles.pop(fh, None)
+        handle = self.dir_handles.pop(fh, None)
+        if handle is not None and handle[0] != ROOT:
+            node = self.nodes.get(handle[0])
+            if node is not None and node.fd is not None:
+                self._close_node(node)
 
     @_fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         parent, _ = self.dir_handles[fh]
-        bk.fsync_dir(self._path(parent))
+        node = self.nodes.get(parent)
+        if node is not None and node.fd is not None:
+            os.fsync(node.fd)
+        else:
+            bk.fsync_dir(self._path(parent))
 
     @_fuse_errors
     async def statfs(self, ctx):
@@ -681,6 +788,8 @@ class EncFS(pyfuse3.Operations):
     # --- extended attributes (policy and value format: encfs/xattrs.py, docs/FORMAT.md) -----
 
     CONTROL_XATTR_PID = b"user.encfs.pid"
+    #: the largest write request the kernel has sent (checks that large writes are on)
+    CONTROL_XATTR_MAX_WRITE = b"user.encfs.max_write"
 
     def _xattr_call(self, inode: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Call an os.*xattr function on the backing object of ``inode``: its open fd when
@@ -715,6 +824,8 @@ class EncFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
         if inode == ROOT and name == self.CONTROL_XATTR_PID:
             return str(os.getpid()).encode()
+        if inode == ROOT and name == self.CONTROL_XATTR_MAX_WRITE:
+            return str(self.max_write_seen).encode()
         kind = self._check_xattr_name(name, setting=False)
         # Absent attributes (the common case: the kernel asks for security.capability
         # before every write) are answered without touching the key.
