@@ -192,3 +192,80 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+# --- one mount per backing dir, and noticing an unclean stop ------------------------------
+
+LOCK_NAME = "lock"
+DIRTY_NAME = "dirty"
+
+
+class MountLock:
+    """An flock on ``.encfs/lock`` held for the life of a mount; it names the holder's pid.
+
+    The kernel drops the lock when the holder dies, so a crashed mount never blocks the
+    next one; the separate ``dirty`` marker records that the stop was unclean.
+    """
+
+    def __init__(self, backing: bytes):
+        self.backing = backing
+        self.path = control_path(backing, LOCK_NAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BackingError(f"{os.fsdecode(self.backing)} is already in use by another "
+                               f"encfs process (pid {holder}): one mount per backing "
+                               "directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def mark_dirty(backing: bytes) -> bool:
+    """Mark a mount as running; True if the marker was already there (an unclean stop)."""
+    path = control_path(backing, DIRTY_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return True
+    os.close(fd)
+    fsync_dir(control_path(backing))
+    return False
+
+
+def mark_clean(backing: bytes) -> None:
+    try:
+        os.unlink(control_path(backing, DIRTY_NAME))
+    except FileNotFoundError:
+        pass
+
+
+def recover(backing: bytes) -> list[str]:
+    """After an unclean stop: finish interrupted changes (journal) and drop temp files.
+    Returns what was done, one line each."""
+    from .journal import Journal
+
+    journal = Journal(control_path(backing))
+    try:
+        done = journal.replay()
+    finally:
+        journal.close()
+    tmp = control_path(backing, TMP_DIR)
+    leftovers = os.listdir(tmp)
+    for name in leftovers:
+        os.unlink(os.path.join(tmp, name))
+    if leftovers:
+        done.append(f"removed {len(leftovers)} temporary file(s) of interrupted writes")
+    return done

@@ -29,6 +29,7 @@ from . import backing as bk
 from . import format as fmt
 from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
+from .journal import Journal
 from .keys import KeyError_, KeyManager
 from .renameat2 import renameat2
 
@@ -122,6 +123,7 @@ class EncFS(pyfuse3.Operations):
         self.timeout = 0.0 if shared_backing else cache_timeout
         self.enable_writeback_cache = not shared_backing
         self.keep_cache = not shared_backing
+        self.journal = Journal(bk.control_path(backing))
         self.can_preallocate = True  # until the backing filesystem says it cannot
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
         self.root_ino = os.lstat(backing).st_ino
@@ -331,18 +333,38 @@ class EncFS(pyfuse3.Operations):
         csize = os.fstat(node.fd).st_size
         return csize, fmt.plain_size(csize, node.block_size)
 
-    def _ensure_header(self, node: Node, csize: int) -> None:
+    def _header_step(self, node: Node, csize: int) -> list[tuple]:
         if csize < fmt.HEADER_SIZE:
-            bk.pwrite_all(node.fd, fmt.encode_header(node.record.file_id, node.block_size), 0)
+            return [("pwrite", 0, fmt.encode_header(node.record.file_id, node.block_size))]
+        return []
 
-    def _pad_tail(self, node: Node, old: int, upto_block: int) -> None:
+    def _pad_step(self, node: Node, old: int, upto_block: int) -> list[tuple]:
         """Re-encrypt a partial last block as a full one before the file grows past it."""
         bs = node.block_size
         tail_block, used = divmod(old, bs)
         if used and tail_block < upto_block:
             tail = self._read_plain(node, tail_block * bs, old)
-            bk.pwrite_all(node.fd, node.cipher.encrypt(tail_block, tail + bytes(bs - used)),
-                          fmt.block_offset(tail_block, bs))
+            return [("pwrite", fmt.block_offset(tail_block, bs),
+                     node.cipher.encrypt(tail_block, tail + bytes(bs - used)))]
+        return []
+
+    def _apply(self, node: Node, steps: list[tuple], journal: bool) -> None:
+        """Perform ("pwrite", offset, data) / ("truncate", size) steps on an open file.
+
+        With ``journal``, the steps are first recorded as an intent, so that a crash between
+        them is finished at the next mount and the file ends in its new state.
+        """
+        intent = None
+        if journal and len(steps) > 1 and node.links:
+            intent = self.journal.file_steps(self._path(node.ino), os.fstat(node.fd).st_ino,
+                                             steps)
+        for step in steps:
+            if step[0] == "pwrite":
+                bk.pwrite_all(node.fd, step[2], step[1])
+            else:
+                os.ftruncate(node.fd, step[1])
+        if intent is not None:
+            self.journal.done(intent)
 
     def _reserve(self, node: Node, csize: int, old: int, first: int, last: int) -> None:
         """Preallocate every backing byte that writing plaintext blocks first..last (plus
@@ -369,8 +391,7 @@ class EncFS(pyfuse3.Operations):
         end = off + len(data)
         first, last = off // bs, (end - 1) // bs
         self._reserve(node, csize, old, first, last)
-        self._ensure_header(node, csize)
-        self._pad_tail(node, old, first)
+        pad = self._pad_step(node, old, first)
         start = first * bs
         stop = min((last + 1) * bs, max(old, end))
         # Existing plaintext around the write inside its first and last blocks.
@@ -378,35 +399,37 @@ class EncFS(pyfuse3.Operations):
         head += bytes(off - start - len(head))
         tail = self._read_plain(node, end, stop) if stop > end and end < old else b""
         tail += bytes(stop - end - len(tail))
-        bk.pwrite_all(node.fd, node.cipher.encrypt(first, b"".join((head, data, tail))),
-                      fmt.block_offset(first, bs))
+        main = ("pwrite", fmt.block_offset(first, bs),
+                node.cipher.encrypt(first, b"".join((head, data, tail))))
+        # A header written before the first block leaves an empty file if we stop in
+        # between: the old state. Padding the old tail block changes the size: journaled.
+        self._apply(node, self._header_step(node, csize) + pad + [main], journal=bool(pad))
 
     def _truncate(self, node: Node, new: int) -> None:
         bs = node.block_size
-        fd = node.fd
         csize, old = self._plain_size(node)
         if new == old and not fmt.torn_tail(csize, bs):
             return
         if new == 0:
-            os.ftruncate(fd, 0)
+            os.ftruncate(node.fd, 0)
             return
         nb, rem = divmod(new, bs)
         if new > old:
             self._reserve(node, csize, old, nb, nb)
-        self._ensure_header(node, csize)
+        steps = self._header_step(node, csize)
         if new < old:
             part = self._read_plain(node, nb * bs, new) if rem else b""
-            os.ftruncate(fd, fmt.block_offset(nb, bs))
+            steps.append(("truncate", fmt.block_offset(nb, bs)))
         else:
-            self._pad_tail(node, old, nb)
+            steps += self._pad_step(node, old, nb)
             if old // bs == nb and old % bs:
                 part = self._read_plain(node, nb * bs, old) + bytes(new - old)
             else:
                 part = bytes(rem)
-                os.ftruncate(fd, fmt.block_offset(nb, bs))  # blocks in between stay holes
+                steps.append(("truncate", fmt.block_offset(nb, bs)))  # in between: holes
         if part:
-            bk.pwrite_all(fd, node.cipher.encrypt(nb, part), fmt.block_offset(nb, bs))
-            os.ftruncate(fd, fmt.cipher_size(new, bs))
+            steps.append(("pwrite", fmt.block_offset(nb, bs), node.cipher.encrypt(nb, part)))
+        self._apply(node, steps, journal=True)
 
     # --- open files ---------------------------------------------------------------------
 
@@ -647,10 +670,21 @@ class EncFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EEXIST)
             return  # two names of one inode: rename(2) does nothing (EXCHANGE too)
         # Data first, then the sidecar: an error (ENOTEMPTY, EISDIR, EEXIST...) leaves
-        # everything untouched, and a crash in between is re-paired by fsck via file ids.
-        renameat2(old, new, flags)
+        # everything untouched; the intent lets the next mount finish a rename that a crash
+        # interrupted between the two steps.
         old_reg = stat.S_ISREG(st_old.st_mode)
         new_reg = st_new is not None and stat.S_ISREG(st_new.st_mode)
+        intent = None
+        if old_reg or new_reg:
+            sides = [bk.sidecar_path(p) for p in (old, new)]
+            intent = self.journal.rename(old, new, flags,
+                                         *(p if os.path.lexists(p) else None for p in sides))
+        try:
+            renameat2(old, new, flags)
+        except BaseException:
+            if intent is not None:
+                self.journal.done(intent)
+            raise
         if flags & pyfuse3.RENAME_EXCHANGE:
             if old_reg and new_reg:
                 self._rename_sidecar(old, new, exchange=True)
@@ -660,6 +694,8 @@ class EncFS(pyfuse3.Operations):
                 self._rename_sidecar(new, old)
         elif old_reg:
             self._rename_sidecar(old, new)
+        if intent is not None:
+            self.journal.done(intent)
         ino_old = self._ino(st_old)
         self._drop_link(parent_inode_old, name_old, ino_old)
         if st_new is not None:
@@ -669,6 +705,7 @@ class EncFS(pyfuse3.Operations):
                 self.nodes[ino_new].links.add((parent_inode_old, name_old))
         if ino_old in self.nodes:
             self.nodes[ino_old].links.add((parent_inode_new, name_new))
+            self.nodes[ino_old].dir_dirty = True  # fsync makes the new name durable
 
     def _rename_sidecar(self, old: bytes, new: bytes, exchange: bool = False) -> None:
         src, dst = bk.sidecar_path(old), bk.sidecar_path(new)
@@ -691,13 +728,21 @@ class EncFS(pyfuse3.Operations):
             # the key created later under one name would be missing under the other.
             await self._open_node(node, src if node.fd is None else b"")
             self._close_node(node)
-        os.link(src, dst, follow_symlinks=False)
-        if os.path.lexists(bk.sidecar_path(src)):
-            try:
-                os.link(bk.sidecar_path(src), bk.sidecar_path(dst))
-            except BaseException:
-                os.unlink(dst)
-                raise
+        if os.path.lexists(dst):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        # Sidecar first: a crash in between leaves an invisible orphan sidecar, never a
+        # data file without its key. It replaces any stale orphan at the new name.
+        side = bk.sidecar_path(src)
+        if os.path.lexists(side):
+            tmp = bk.tmp_path(self.backing)
+            os.link(side, tmp, follow_symlinks=False)
+            os.rename(tmp, bk.sidecar_path(dst))
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except BaseException:
+            if os.path.lexists(side):
+                bk.remove_sidecar(dst)
+            raise
         st = os.lstat(dst)
         return self._attr(st, self._remember(st, new_parent_inode, new_name).ino)
 
@@ -874,6 +919,7 @@ class EncFS(pyfuse3.Operations):
 
     def close_all(self) -> None:
         """At unmount: forgets may never arrive, so drop every open backing fd."""
+        self.journal.close()
         for node in self.nodes.values():
             if node.fd is not None:
                 os.close(node.fd)

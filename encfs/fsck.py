@@ -290,6 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(backing):
         print(f"encfs fsck: {backing} is not a directory", file=sys.stderr)
         return EXIT_ERROR
+    lock = bk.MountLock(os.fsencode(backing))
+    if os.path.isdir(bk.control_path(os.fsencode(backing))):
+        try:
+            lock.acquire()  # held while we run: no mount can start under us
+        except bk.BackingError:
+            print(f"encfs fsck: {backing} is in use by a running encfs mount; unmount it "
+                  "first", file=sys.stderr)
+            return EXIT_ERROR
+    try:
+        return _fsck(args, backing)
+    finally:
+        lock.release()
+
+
+def _fsck(args: argparse.Namespace, backing: str) -> int:
     mounted = mount_of_backing(backing)
     if mounted is not None:
         print(f"encfs fsck: {backing} is mounted on {mounted.mountpoint}; "

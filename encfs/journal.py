@@ -8,9 +8,10 @@ size), so replaying an intent after a crash at any point finishes the change: th
 ends in its new state. Intents identify files by inode number, so a replay never touches
 a file that is not the one the intent was written for.
 
-Intents are not fsynced: a killed daemon leaves them in the page cache, which survives;
-after a machine crash, only changes made durable by an fsync are promised, and fsync
-makes the journal durable first (`sync`).
+Intents are not fsynced: a killed daemon leaves them in the page cache, which survives.
+After a machine crash only what an fsync made durable is promised, and every intent is
+finished and removed before the handler that wrote it returns, so an fsync never depends
+on one.
 """
 
 from __future__ import annotations
@@ -62,10 +63,6 @@ class Journal:
 
     def done(self, intent: Intent) -> None:
         os.unlink(intent.path)
-
-    def sync(self) -> None:
-        """Make the journal durable (called by fsync before the file's own data)."""
-        os.fsync(self._dir_fd)
 
     # --- recording ----------------------------------------------------------------------
 

@@ -88,12 +88,40 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if os.path.commonpath([os.fsdecode(backing), mountpoint]) in (os.fsdecode(backing),
                                                                   mountpoint):
         raise UserError("backing directory and mountpoint must not contain each other")
-    kms = _kms_target(args)
-    key_id = _check_key(kms, args.key)
-
+    lock = bk.MountLock(backing)
+    try:
+        lock.acquire()
+    except bk.BackingError as e:
+        raise UserError(str(e)) from None
+    try:
+        kms = _kms_target(args)
+        key_id = _check_key(kms, args.key)
+        _recover_if_unclean(backing)
+    except BaseException:
+        lock.release()
+        raise
     if not args.foreground:
+        bk.mark_clean(backing)  # the daemon marks it again
+        lock.release()  # the daemon takes it over
         return _spawn_background(args, argv, backing, mountpoint)
+    try:
+        return _serve_foreground(args, backing, config, mountpoint, kms, key_id)
+    finally:
+        lock.release()
 
+
+def _recover_if_unclean(backing: bytes) -> None:
+    """The dirty marker survives an unclean stop: finish what it interrupted, and say so."""
+    if not bk.mark_dirty(backing):
+        return
+    done = bk.recover(backing)
+    msg = "the last mount of this backing dir did not stop cleanly; recovered: " + \
+        ("; ".join(done) if done else "nothing was left unfinished")
+    print(f"encfs mount: {msg}", file=sys.stderr)  # in the log file when in background
+
+
+def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.BackingConfig,
+                      mountpoint: str, kms: "KmsTarget", key_id: str) -> int:
     _setup_logging(args.debug)
     faulthandler.enable()
     os.umask(0)  # modes come from the caller's request, already masked by the kernel
@@ -118,6 +146,8 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     finally:
         ops.close_all()
         pyfuse3.close(unmount=True)
+        if clean:
+            bk.mark_clean(backing)
         log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
     return 0
 

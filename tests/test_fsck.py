@@ -49,7 +49,7 @@ def kinds(report: dict) -> list[tuple[str, str]]:
 
 def test_fsck_refuses_while_mounted(encrypted_mount):
     res = encfs(encrypted_mount, "fsck", encrypted_mount.backing, check_rc=8)
-    assert b"mounted on" in res.stderr and b"encfs umount" in res.stderr
+    assert b"in use by a running encfs mount" in res.stderr and b"unmount it" in res.stderr
 
 
 def test_fsck_clean(populated):

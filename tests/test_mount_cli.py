@@ -194,3 +194,23 @@ def test_mount_over_kms_url_with_ak_sk(dirs):
         assert not os.path.ismount(mnt)
     finally:
         kms.stop()
+
+
+@pytest.mark.fuse
+def test_one_mount_per_backing_dir_and_recovery_after_kill(encrypted_mount, dirs):
+    m = encrypted_mount
+    _, _, other_mnt, _ = dirs
+    res = run(["mount", m.backing, other_mnt, "--kms-socket", m.kms.socket_path])
+    line = one_line_error(res)
+    assert "already in use" in line and f"pid {m.process.pid}" in line
+    with open(f"{m.mountpoint}/f", "wb") as f:
+        f.write(b"x" * 5000)
+    m.process.kill()  # an unclean stop leaves the dirty marker behind
+    m.process.wait()
+    m.unmount()
+    assert os.path.exists(f"{m.backing}/.encfs/dirty")
+    m.mount()
+    assert "did not stop cleanly; recovered" in m.log()
+    m.remount()  # a clean stop clears it: no recovery message the second time
+    assert m.log().count("did not stop cleanly") == 1
+    assert not os.path.exists(f"{m.backing}/.encfs/dirty") or os.path.ismount(m.mountpoint)
