@@ -79,12 +79,15 @@ def block_offset(block_no: int, block_size: int) -> int:
 def plain_size(cipher_size: int, block_size: int) -> int:
     """Plaintext size of a data file of ``cipher_size`` bytes.
 
-    A file of at most a header holds no data. A trailing fragment too short to hold a tag
-    (1..28 bytes) is a torn block: it adds nothing here and is reported by `torn_tail`.
+    A file of at most a header holds no data. A trailing fragment too short to hold a
+    nonce and tag (1..28 bytes) is a torn block; it counts as one byte, so that reading the
+    end of the file fails (EIO) instead of the file silently looking shorter.
     """
     if cipher_size <= HEADER_SIZE:
         return 0
     full, rest = divmod(cipher_size - HEADER_SIZE, cipher_block_size(block_size))
+    if 0 < rest <= BLOCK_OVERHEAD:
+        return full * block_size + 1
     return full * block_size + max(rest - BLOCK_OVERHEAD, 0)
 
 

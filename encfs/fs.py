@@ -286,7 +286,8 @@ class EncFS(pyfuse3.Operations):
                               "(file id mismatch)", self._display(path), os.fsdecode(path))
                     raise pyfuse3.FUSEError(errno.EIO)
                 try:
-                    dek = await self.keys.unwrap(record, self._display(path))
+                    dek = await self.keys.unwrap(
+                        record, f"{self._display(path)} (backing {os.fsdecode(path)})")
                 except KeyError_ as e:
                     raise pyfuse3.FUSEError(e.errno) from None
             node.block_size = header.block_size if header else self.config.block_size
@@ -306,11 +307,14 @@ class EncFS(pyfuse3.Operations):
         try:
             return node.cipher.decrypt(first, data)
         except BlockAuthError as e:
-            path = self._any_path(node)
-            log.error("%s (backing %s): block %d: %s", self._display(path) if path else
-                      f"inode {node.ino}", os.fsdecode(path) if path else "unlinked",
-                      e.block_no, e.reason)
+            self._log_bad_block(node, e.block_no, e.reason)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _log_bad_block(self, node: Node, block_no: int, reason: str) -> None:
+        path = self._any_path(node)
+        log.error("%s (backing %s): block %d: %s", self._display(path) if path else
+                  f"inode {node.ino}", os.fsdecode(path) if path else "unlinked",
+                  block_no, reason)
 
     def _any_path(self, node: Node) -> bytes | None:
         try:
