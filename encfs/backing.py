@@ -10,6 +10,8 @@ import errno
 import json
 import os
 import secrets
+import shutil
+import stat
 from dataclasses import dataclass
 
 from . import format as fmt
@@ -21,6 +23,69 @@ TMP_DIR = "tmp"
 
 class BackingError(Exception):
     """A backing directory that cannot be used; the message is for the user."""
+
+
+class BackingInUse(BackingError):
+    """Another encfs process holds the backing directory's mount lock."""
+
+
+#: The largest config.json we read: it holds two small numbers.
+CONFIG_MAX = 64 * 1024
+
+
+def printable(name: bytes | str) -> str:
+    """A path or name as one line of text, for logs and CLI output.
+
+    Anyone who can write to the backing dir chooses its names: a newline would forge an
+    extra log line, an invalid UTF-8 byte would crash a strict stdout. Control characters,
+    backslashes and undecodable bytes are escaped (``\\n``, ``\\xff``); everything else,
+    including non-ASCII letters, is kept as it is.
+    """
+    if isinstance(name, str):
+        name = os.fsencode(name)
+    text = name.decode("utf-8", "surrogateescape")
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0xdc80 <= o <= 0xdcff:  # an undecodable byte
+            out.append(f"\\x{o - 0xdc00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif o < 0x20 or o == 0x7f or 0x80 <= o < 0xa0 or ch in "\u2028\u2029":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{o:02x}"
+                       if o < 0x100 else f"\\u{o:04x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def open_regular(path: bytes | str, flags: int = os.O_RDONLY, what: str = "file",
+                 dir_fd: int | None = None) -> int:
+    """Open an existing backing file that must be a regular file, safely.
+
+    Never follows a symlink (O_NOFOLLOW: a planted link must not lead out of the backing
+    dir) and never blocks (O_NONBLOCK: a FIFO planted in place of a file would hang a plain
+    open). Raises fmt.FormatError naming ``what`` for anything but a regular file;
+    FileNotFoundError and other OSError (EACCES, EIO) pass through.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise fmt.FormatError(f"{what} is a symlink (not followed)") from None
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.EWOULDBLOCK):
+            raise fmt.FormatError(f"{what} is not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise fmt.FormatError(f"{what} is not a regular file")
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)
@@ -41,33 +106,84 @@ def control_path(backing: bytes, *parts: str) -> bytes:
 
 
 def open_backing(backing: str | bytes) -> tuple[bytes, BackingConfig]:
-    """Check a backing directory, create its control directory, and read its config."""
+    """Check a backing directory, create its control directory, and read its config.
+
+    Everything in ``.encfs`` is checked before a mount uses it: anyone who can write to the
+    backing dir can plant a symlink, a FIFO or a directory there, and the mount (running as
+    root, maybe) must refuse with one clear line instead of following, hanging or crashing.
+    """
     root = os.fsencode(os.path.abspath(backing))
     if not os.path.exists(root):
-        raise BackingError(f"backing directory {os.fsdecode(root)} does not exist")
+        raise BackingError(f"backing directory {printable(root)} does not exist")
     if not os.path.isdir(root):
-        raise BackingError(f"backing path {os.fsdecode(root)} is not a directory")
+        raise BackingError(f"backing path {printable(root)} is not a directory")
     ctl = control_path(root)
     try:
-        os.makedirs(os.path.join(ctl, TMP_DIR.encode()), mode=0o700, exist_ok=True)
+        for d in (ctl, os.path.join(ctl, TMP_DIR.encode()), os.path.join(ctl, b"journal")):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                raise BackingError(f"{printable(d)} is not a directory (a symlink or a "
+                                   "file was put in its place); remove it")
     except OSError as e:
-        raise BackingError(f"cannot create {os.fsdecode(ctl)}: {e.strerror}") from None
+        raise BackingError(f"cannot create {printable(ctl)}: {e.strerror}") from None
+    for name in (LOCK_NAME, DIRTY_NAME, CONFIG_NAME, "mount.log"):
+        path = control_path(root, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise BackingError(f"cannot check {printable(path)}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BackingError(f"{printable(path)} is not a regular file (a symlink, "
+                               "directory or special file was put in its place); remove it")
     cfg_path = control_path(root, CONFIG_NAME)
     try:
-        with open(cfg_path, "rb") as f:
-            raw = json.load(f)
-        config = BackingConfig(block_size=int(raw["block_size"]),
-                               format_version=int(raw["format_version"]))
-        fmt.check_block_size(config.block_size)
+        config = read_config(cfg_path)
     except FileNotFoundError:
         config = BackingConfig()
         write_file_atomic(root, cfg_path, json.dumps(
             {"format_version": config.format_version, "block_size": config.block_size},
             indent=1).encode() + b"\n")
-    except (ValueError, KeyError, TypeError, fmt.FormatError):
-        raise BackingError(f"{os.fsdecode(cfg_path)} is damaged; "
+    except OSError as e:
+        raise BackingError(f"cannot read {printable(cfg_path)}: {e.strerror}") from None
+    except fmt.FormatError as e:
+        raise BackingError(f"{printable(cfg_path)} is damaged ({e}); "
                            "restore it or run encfs fsck") from None
     return root, config
+
+
+def read_config(cfg_path: bytes) -> BackingConfig:
+    """Parse ``config.json``; fmt.FormatError for anything but the documented object."""
+    fd = open_regular(cfg_path, what="config.json")
+    try:
+        raw_bytes = os.read(fd, CONFIG_MAX + 1)
+    finally:
+        os.close(fd)
+    if len(raw_bytes) > CONFIG_MAX:
+        raise fmt.FormatError(f"larger than {CONFIG_MAX} bytes")
+    try:
+        raw = json.loads(raw_bytes)
+    except (ValueError, RecursionError):
+        raise fmt.FormatError("not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise fmt.FormatError("not a JSON object")
+    values = {}
+    for field in ("format_version", "block_size"):
+        v = raw.get(field)
+        if type(v) is not int:
+            raise fmt.FormatError(f"{field} is missing or not an integer")
+        values[field] = v
+    if values["format_version"] != fmt.FORMAT_VERSION:
+        raise fmt.FormatError(f"unsupported format_version {values['format_version']}")
+    if not 0 < values["block_size"] <= 1 << fmt.MAX_BLOCK_SHIFT:
+        raise fmt.FormatError(f"unsupported block size {values['block_size']}")
+    fmt.check_block_size(values["block_size"])
+    return BackingConfig(block_size=values["block_size"],
+                         format_version=values["format_version"])
 
 
 def tmp_path(backing: bytes) -> bytes:
@@ -107,8 +223,15 @@ def sidecar_path(data_path: bytes) -> bytes:
 
 
 def read_sidecar(data_path: bytes) -> fmt.KeyRecord:
-    """The key record of a data file; FileNotFoundError when it has no sidecar."""
-    fd = os.open(sidecar_path(data_path), os.O_RDONLY | os.O_NOFOLLOW)
+    """The key record of a data file; FileNotFoundError when it has no sidecar,
+    fmt.FormatError when it is damaged or not a regular file (never followed, never a
+    blocking open of a FIFO)."""
+    return read_sidecar_file(sidecar_path(data_path))
+
+
+def read_sidecar_file(side: bytes) -> fmt.KeyRecord:
+    """The key record in the sidecar file ``side`` (see read_sidecar)."""
+    fd = open_regular(side, what="sidecar")
     try:
         data = os.pread(fd, fmt.SIDECAR_SIZE + 1, 0)
     finally:
@@ -214,23 +337,47 @@ class MountLock:
 
     def acquire(self) -> None:
         import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise BackingError(f"cannot open the mount lock {printable(self.path)}: "
+                               f"{_lock_reason(e)}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BackingError(f"the mount lock {printable(self.path)} is not a regular "
+                                   "file; remove it")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                holder = holder if holder.isdigit() else "?"
+                raise BackingInUse(f"{printable(self.backing)} is already in use by another "
+                                   f"encfs process (pid {holder}): one mount per backing "
+                                   "directory") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
             os.close(fd)
-            raise BackingError(f"{os.fsdecode(self.backing)} is already in use by another "
-                               f"encfs process (pid {holder}): one mount per backing "
-                               "directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise BackingError(f"cannot use the mount lock {printable(self.path)}: "
+                               f"{e.strerror}") from None
+        except BaseException:
+            os.close(fd)
+            raise
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _lock_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "it is a symlink (not followed); remove it"
+    if e.errno == errno.EISDIR:
+        return "it is a directory; remove it"
+    return e.strerror or str(e)
 
 
 def mark_dirty(backing: bytes) -> bool:
@@ -250,22 +397,43 @@ def mark_clean(backing: bytes) -> None:
         os.unlink(control_path(backing, DIRTY_NAME))
     except FileNotFoundError:
         pass
+    except IsADirectoryError:  # planted in its place; open_backing refuses it next time
+        pass
 
 
 def recover(backing: bytes) -> list[str]:
     """After an unclean stop: finish interrupted changes (journal) and drop temp files.
-    Returns what was done, one line each."""
-    from .journal import Journal
+    Returns what was done, one line each. Never raises: whatever is in the control dir
+    (damaged intents, planted files) is reported and the mount goes ahead."""
+    from .journal import Journal, JournalError
 
-    journal = Journal(control_path(backing))
+    done: list[str] = []
     try:
-        done = journal.replay()
-    finally:
-        journal.close()
+        journal = Journal(control_path(backing))
+    except (OSError, JournalError) as e:
+        done.append(f"could not open the journal: {getattr(e, 'strerror', None) or e}")
+    else:
+        try:
+            done += journal.replay()
+        finally:
+            journal.close()
     tmp = control_path(backing, TMP_DIR)
-    leftovers = os.listdir(tmp)
+    try:
+        leftovers = os.listdir(tmp)
+    except OSError as e:
+        done.append(f"could not list {printable(tmp)}: {e.strerror}")
+        leftovers = []
+    removed = 0
     for name in leftovers:
-        os.unlink(os.path.join(tmp, name))
-    if leftovers:
-        done.append(f"removed {len(leftovers)} temporary file(s) of interrupted writes")
+        path = os.path.join(tmp, name)
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)  # never follows symlinks inside
+            else:
+                os.unlink(path)
+            removed += 1
+        except OSError as e:
+            done.append(f"could not remove {printable(path)}: {e.strerror}")
+    if removed:
+        done.append(f"removed {removed} temporary file(s) of interrupted writes")
     return done

@@ -295,6 +295,23 @@ class EncFS(pyfuse3.Operations):
             node.cipher = BlockCipher(dek, record.file_id, node.block_size)
             node.xattr = xa.XattrCipher(dek, record.file_id)
 
+    def _check_key(self, node: Node) -> None:
+        """Refuse access to a file whose CMK the KMS no longer lets us use."""
+        err = self.keys.revoked.get(node.record.key_id) if node.record else None
+        if err is not None:
+            raise pyfuse3.FUSEError(err)
+
+    def open_key_ids(self) -> set[str]:
+        return {n.record.key_id for n in self.nodes.values()
+                if n.cipher is not None and n.record is not None}
+
+    async def drop_cached_pages(self, key_id: str) -> None:
+        """After a CMK is revoked, the kernel must not serve its files from the page cache.
+        invalidate_inode can block under writeback caching, so it runs in a thread."""
+        for node in list(self.nodes.values()):
+            if node.record is not None and node.record.key_id == key_id:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
+
     async def _new_key(self) -> tuple[fmt.KeyRecord, bytes]:
         try:
             return await self.keys.new_file_key()
@@ -446,6 +463,7 @@ class EncFS(pyfuse3.Operations):
         node.opens += 1
         try:
             await self._load_key(node, path, node.fd)
+            self._check_key(node)
         except BaseException:
             self._close_node(node)
             raise
@@ -578,6 +596,7 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self.nodes[fh]
+        self._check_key(node)
         st = os.fstat(node.fd)
         plain = fmt.plain_size(st.st_size, node.block_size)
         if off >= plain or size == 0:
@@ -596,7 +615,9 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if buf:
-            self._write(self.nodes[fh], off, buf)
+            node = self.nodes[fh]
+            self._check_key(node)
+            self._write(node, off, buf)
             if len(buf) > self.max_write_seen:
                 self.max_write_seen = len(buf)
         return len(buf)

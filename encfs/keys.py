@@ -11,6 +11,9 @@ import errno
 import logging
 import os
 import time
+from typing import Awaitable, Callable
+
+import trio
 
 from kms.client import AsyncKmsClient, KmsError, KmsUnavailable
 
@@ -38,15 +41,50 @@ def file_aad(file_id: bytes) -> str:
     return file_id.hex()
 
 
+async def _nothing(_: str) -> None:
+    return None
+
+
 class KeyManager:
+    """DEKs for the filesystem, and the state of every CMK it uses.
+
+    Revocation: a task (`watch`) re-asks the KMS to unwrap one DEK of every CMK in use at
+    least every `check_period` seconds. When the KMS says the key is disabled, pending
+    deletion, deleted or no longer granted to us, the CMK is marked revoked: its cached
+    DEKs are dropped and every open, read and write of its files fails with the errno of
+    `KEY_ERRNO`. When the KMS unwraps again (key enabled, deletion cancelled, grant given
+    back), access comes back without a remount. A KMS that does not answer revokes
+    nothing: files already open keep working.
+    """
+
     def __init__(self, kms: AsyncKmsClient, key_id: str, ttl: float = DEFAULT_TTL):
         self.kms = kms
         self.key_id = key_id
         self.ttl = ttl
-        self._cache: dict[bytes, tuple[bytes, float]] = {}
+        #: file id -> (DEK, expiry on the monotonic clock, CMK id)
+        self._cache: dict[bytes, tuple[bytes, float, str]] = {}
+        #: CMK id -> errno, for CMKs the KMS refused to use for us at the last check.
+        self.revoked: dict[str, int] = {}
+        #: CMK id -> a wrapped DEK under it (key record), to test that CMK with.
+        self._probes: dict[str, fmt.KeyRecord] = {}
+        #: the CMK ids of open files, and what to do when a CMK gets revoked (both set by
+        #: the filesystem: it drops the kernel's cached pages of that CMK's files)
+        self.open_key_ids: Callable[[], set[str]] = set
+        self.on_revoke: Callable[[str], Awaitable[None]] = _nothing
+
+    @property
+    def check_period(self) -> float:
+        """How often CMKs in use are rechecked: well within the grace period (the TTL)."""
+        return max(0.25, min(self.ttl / 4, 10.0))
+
+    def check(self, key_id: str) -> None:
+        """Raise the revocation errno if the CMK is revoked (cheap: a dict lookup)."""
+        err = self.revoked.get(key_id)
+        if err is not None:
+            raise KeyError_(err, f"key {key_id} is revoked")
 
     async def new_file_key(self, key_id: str | None = None) -> tuple[fmt.KeyRecord, bytes]:
-        """A fresh file id and DEK, wrapped by the CMK for new files."""
+        """A fresh file id and DEK, wrapped by ``key_id`` (default: the mount's CMK)."""
         key_id = key_id or self.key_id
         file_id = os.urandom(fmt.FILE_ID_SIZE)
         try:
@@ -56,14 +94,14 @@ class KeyManager:
         rec = fmt.KeyRecord(file_id=file_id, key_id=key_id,
                             wrapped_dek=bytes.fromhex(cipher_text),
                             created_ns=time.time_ns(), dek_bytes=len(dek))
-        self._remember(file_id, dek)
+        self._remember(rec, dek)
         return rec, dek
 
     async def unwrap(self, rec: fmt.KeyRecord, where: str) -> bytes:
         """The plaintext DEK of a file, from the cache or the KMS."""
+        self.check(rec.key_id)
         hit = self._cache.get(rec.file_id)
-        now = time.monotonic()
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] > time.monotonic() and hit[2] == rec.key_id:
             return hit[0]
         try:
             dek = await self.kms.decrypt_datakey(rec.key_id, rec.cipher_text,
@@ -71,22 +109,65 @@ class KeyManager:
                                                  length_bytes=rec.dek_bytes)
         except KmsError as e:
             raise self._failure(f"unwrap the data key of {where}", rec.key_id, e) from None
-        self._remember(rec.file_id, dek)
+        self._remember(rec, dek)
         return dek
 
-    def _remember(self, file_id: bytes, dek: bytes) -> None:
+    def _remember(self, rec: fmt.KeyRecord, dek: bytes) -> None:
+        self._probes[rec.key_id] = rec
         if self.ttl > 0:
-            self._cache[file_id] = (dek, time.monotonic() + self.ttl)
+            self._cache[rec.file_id] = (dek, time.monotonic() + self.ttl, rec.key_id)
         if len(self._cache) > 4096:
             self.expire()
 
     def expire(self) -> None:
         now = time.monotonic()
-        for fid in [f for f, (_, t) in self._cache.items() if t <= now]:
+        for fid in [f for f, (_, t, _) in self._cache.items() if t <= now]:
             del self._cache[fid]
 
     def forget(self, file_id: bytes) -> None:
         self._cache.pop(file_id, None)
+
+    # --- revocation ---------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Recheck every CMK in use, forever (run in the mount's nursery)."""
+        while True:
+            await trio.sleep(self.check_period)
+            self.expire()
+            await self.recheck()
+
+    async def recheck(self) -> None:
+        in_use = (self.open_key_ids() | {k for _, _, k in self._cache.values()}
+                  | set(self.revoked))
+        for key_id in in_use:
+            probe = self._probes.get(key_id)
+            if probe is None:
+                continue
+            try:
+                await self.kms.decrypt_datakey(key_id, probe.cipher_text,
+                                               aad=file_aad(probe.file_id),
+                                               length_bytes=probe.dek_bytes)
+            except KmsUnavailable as e:
+                log.warning("cannot recheck key %s: KMS unreachable: %s", key_id, e)
+                continue
+            except KmsError as e:
+                err = KEY_ERRNO.get(e.error_code)
+                if err is None:
+                    continue  # not about the key's usability (e.g. this probe was damaged)
+                newly = key_id not in self.revoked
+                self.revoked[key_id] = err
+                self._drop_key(key_id)
+                if newly:
+                    log.error("key %s can no longer be used (%s): its files now fail with "
+                              "%s", key_id, e, errno.errorcode.get(err, err))
+                    await self.on_revoke(key_id)
+                continue
+            if self.revoked.pop(key_id, None) is not None:
+                log.warning("key %s is usable again: access to its files is restored", key_id)
+
+    def _drop_key(self, key_id: str) -> None:
+        for fid in [f for f, (_, _, k) in self._cache.items() if k == key_id]:
+            del self._cache[fid]
 
     def _failure(self, what: str, key_id: str, e: KmsError) -> KeyError_:
         if isinstance(e, KmsUnavailable):

@@ -155,9 +155,12 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
 async def _serve(ops: EncFS, target: "KmsTarget", key_id: str, ttl: float) -> None:
     kms = target.async_client()
     ops.keys = KeyManager(kms, key_id, ttl=ttl)
+    ops.keys.open_key_ids = ops.open_key_ids
+    ops.keys.on_revoke = ops.drop_cached_pages
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
+            nursery.start_soon(ops.keys.watch)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+
+import pytest
 
 from encfs import format as fmt
+from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
 
 
 def kms_cli(m, *args) -> str:
@@ -35,3 +41,123 @@ def test_kms_audit_shows_the_unwrap_of_an_opened_file(encrypted_mount):
     assert found.stdout.split() == [os.path.join(m.backing, "report.txt")]
     table = kms_cli(m, "audit", "--key", m.key_id)
     assert rec.file_id.hex() in table and "decrypt-datakey" in table
+
+
+GRACE = 1.0  # --key-cache-ttl for these tests
+
+
+@pytest.fixture
+def revocable(request):
+    """A KMS with a test clock, and a mount whose new files use a customer key with a
+    short grace period (default keys can never be disabled)."""
+    work = _short_tempdir("encfs-keys-")
+    clock = f"{work}/clock"
+    kms = start_kms_server(f"{work}/kms", extra_args=["--test-clock-file", clock])
+    m = None
+    try:
+        kms.client.create_key("tenant")
+        m = make_mount(kms, work, key="tenant", extra_args=["--key-cache-ttl", str(GRACE)])
+        m.clock = clock
+        yield m
+    finally:
+        if m is not None:
+            m.unmount()
+        kms.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_errno(fn, expected: int, within: float) -> float:
+    """Call fn until it fails with ``expected``; return how long that took."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            fn()
+        except OSError as e:
+            if e.errno == expected:
+                return time.monotonic() - t0
+            raise
+        if time.monotonic() - t0 > within:
+            raise AssertionError(f"still works after {within}s")
+        time.sleep(0.05)
+
+
+def fresh_read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.fuse
+def test_disable_then_enable_key_without_remount(revocable):
+    m = revocable
+    c = m.kms.client
+    path = f"{m.mountpoint}/secret"
+    with open(path, "wb") as f:
+        f.write(b"s" * 10000)
+    held = open(path, "rb")
+    c.call("disable-key", {"key_id": m.key_id})
+    took = wait_errno(lambda: fresh_read(path), errno.EKEYREVOKED, GRACE + 2)
+    assert took <= GRACE + 2
+    with pytest.raises(OSError) as e:
+        held.seek(0)
+        held.read()  # an open handle stops too, also for pages the kernel had cached
+    assert e.value.errno == errno.EKEYREVOKED
+    with pytest.raises(OSError) as e:
+        open(f"{m.mountpoint}/new", "wb").write(b"x")  # the key for new files is disabled
+    assert e.value.errno == errno.EKEYREVOKED
+    assert f"key {m.key_id} can no longer be used" in m.log()
+    c.call("enable-key", {"key_id": m.key_id})
+    deadline = time.monotonic() + GRACE + 2
+    while True:
+        try:
+            assert fresh_read(path) == b"s" * 10000
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    held.seek(0)
+    assert held.read() == b"s" * 10000
+    held.close()
+
+
+@pytest.mark.fuse
+def test_schedule_then_cancel_deletion(revocable):
+    m = revocable
+    c = m.kms.client
+    path = f"{m.mountpoint}/doc"
+    open(path, "wb").write(b"d" * 100)
+    c.call("schedule-key-deletion", {"key_id": m.key_id, "pending_days": "7"})
+    wait_errno(lambda: fresh_read(path), errno.EKEYREVOKED, GRACE + 2)
+    c.call("cancel-key-deletion", {"key_id": m.key_id})  # back to disabled, as Huawei does
+    time.sleep(GRACE)
+    with pytest.raises(OSError):
+        fresh_read(path)
+    c.call("enable-key", {"key_id": m.key_id})
+    deadline = time.monotonic() + GRACE + 2
+    while True:
+        try:
+            assert fresh_read(path) == b"d" * 100
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+@pytest.mark.fuse
+def test_destroyed_key_makes_data_permanently_unreadable(revocable):
+    m = revocable
+    c = m.kms.client
+    path = f"{m.mountpoint}/gone-for-good"
+    open(path, "wb").write(b"g" * 100)
+    c.call("schedule-key-deletion", {"key_id": m.key_id, "pending_days": "7"})
+    with open(m.clock, "w") as f:
+        f.write(str(time.time() + 8 * 86400))  # the pending period is over: material destroyed
+    wait_errno(lambda: fresh_read(path), errno.ENOKEY, GRACE + 2)
+    with pytest.raises(Exception) as e:
+        c.call("cancel-key-deletion", {"key_id": m.key_id})
+    assert "KMS.0207" in str(e.value)
+    m.unmount()
+    res = subprocess.run([sys.executable, "-m", "encfs", "fsck", m.backing, "--json",
+                          "--kms-socket", m.kms.socket_path], capture_output=True, text=True)
+    assert res.returncode == 4
+    [problem] = json.loads(res.stdout)["problems"]
+    assert problem["kind"] == "key-unusable" and "destroyed" in problem["detail"]
