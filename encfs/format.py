@@ -125,6 +125,9 @@ SIDECAR_SIZE = SIDECAR_HEAD.size + 2 * SLOT_SIZE  # 1040
 SLOT_FIXED = struct.Struct(">Q16sQHBH")
 KEY_ID_MAX = 64
 WRAPPED_MAX = SLOT_SIZE - SLOT_FIXED.size - KEY_ID_MAX - 4  # 4: CRC32 at the slot's end
+#: DEK lengths a slot may name (encfs writes 32); others are a damaged or forged slot.
+DEK_BYTES_MIN, DEK_BYTES_MAX = 16, 64
+SEQ_MAX = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -145,16 +148,24 @@ class KeyRecord:
 
 
 def encode_slot(rec: KeyRecord) -> bytes:
-    key_id = rec.key_id.encode("ascii")
-    if len(key_id) > KEY_ID_MAX:
+    try:
+        key_id = rec.key_id.encode("ascii")
+    except UnicodeEncodeError:
+        raise FormatError("key id must be ASCII") from None
+    if not key_id or len(key_id) > KEY_ID_MAX:
         raise FormatError("key id too long for a sidecar slot")
     if len(rec.wrapped_dek) > WRAPPED_MAX:
         raise FormatError("wrapped DEK too long for a sidecar slot")
     if len(rec.file_id) != FILE_ID_SIZE:
         raise FormatError("file id must be 16 bytes")
-    body = (SLOT_FIXED.pack(rec.seq, rec.file_id, rec.created_ns, rec.dek_bytes, len(key_id),
-                            len(rec.wrapped_dek))
-            + key_id.ljust(KEY_ID_MAX, b"\0") + rec.wrapped_dek)
+    if not rec.wrapped_dek:
+        raise FormatError("wrapped DEK is empty")
+    try:
+        fixed = SLOT_FIXED.pack(rec.seq, rec.file_id, rec.created_ns, rec.dek_bytes,
+                                len(key_id), len(rec.wrapped_dek))
+    except struct.error as e:
+        raise FormatError(f"key record field out of range: {e}") from None
+    body = fixed + key_id.ljust(KEY_ID_MAX, b"\0") + rec.wrapped_dek
     body = body.ljust(SLOT_SIZE - 4, b"\0")
     return body + struct.pack(">I", zlib.crc32(body))
 
@@ -167,13 +178,15 @@ def decode_slot(slot: bytes) -> KeyRecord | None:
     if zlib.crc32(slot[:-4]) != crc:
         return None
     seq, file_id, created_ns, dek_bytes, key_len, wrapped_len = SLOT_FIXED.unpack_from(slot)
-    if key_len > KEY_ID_MAX or wrapped_len > WRAPPED_MAX or wrapped_len == 0:
+    if not 0 < key_len <= KEY_ID_MAX or not 0 < wrapped_len <= WRAPPED_MAX:
+        return None
+    if not DEK_BYTES_MIN <= dek_bytes <= DEK_BYTES_MAX:
         return None
     pos = SLOT_FIXED.size
-    try:
-        key_id = slot[pos:pos + key_len].decode("ascii")
-    except UnicodeDecodeError:
+    raw_id = slot[pos:pos + key_len]
+    if not all(0x21 <= c <= 0x7e for c in raw_id):  # printable ASCII: it reaches logs
         return None
+    key_id = raw_id.decode("ascii")
     pos += KEY_ID_MAX
     return KeyRecord(file_id=file_id, key_id=key_id, wrapped_dek=slot[pos:pos + wrapped_len],
                      created_ns=created_ns, dek_bytes=dek_bytes, seq=seq)
@@ -210,6 +223,8 @@ def next_slot_write(data: bytes, rec: KeyRecord) -> tuple[int, bytes, KeyRecord]
     rewrites keep hard-linked sidecars linked.
     """
     current = decode_sidecar(data)
+    if current.seq >= SEQ_MAX:
+        raise FormatError("sidecar record sequence number is exhausted")
     new = KeyRecord(file_id=rec.file_id, key_id=rec.key_id, wrapped_dek=rec.wrapped_dek,
                     created_ns=rec.created_ns, dek_bytes=rec.dek_bytes, seq=current.seq + 1)
     base = SIDECAR_HEAD.size

@@ -25,12 +25,14 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
+from kms.client import KmsError
+
 from . import backing as bk
 from . import format as fmt
 from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
 from .journal import Journal
-from .keys import KeyError_, KeyManager
+from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ class EncFS(pyfuse3.Operations):
         self.enable_writeback_cache = not shared_backing
         self.keep_cache = not shared_backing
         self.journal = Journal(bk.control_path(backing))
+        self._dir_keys: dict[int, str | None] = {}  # directory inode -> its own CMK
         self.can_preallocate = True  # until the backing filesystem says it cannot
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
         self.root_ino = os.lstat(backing).st_ino
@@ -276,7 +279,8 @@ class EncFS(pyfuse3.Operations):
                               os.fsdecode(bk.sidecar_path(path)))
                     raise pyfuse3.FUSEError(errno.EIO)
                 # An empty file without a key (made outside the mount): give it one now.
-                record, dek = await self._new_key()
+                parent = next(iter(node.links))[0] if node.links else ROOT
+                record, dek = await self._new_key(parent)
                 st = os.fstat(fd)
                 bk.write_sidecar(self.backing, path, record,
                                  *((st.st_uid, st.st_gid) if self.as_root else ()))
@@ -312,9 +316,9 @@ class EncFS(pyfuse3.Operations):
             if node.record is not None and node.record.key_id == key_id:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
 
-    async def _new_key(self) -> tuple[fmt.KeyRecord, bytes]:
+    async def _new_key(self, parent: int) -> tuple[fmt.KeyRecord, bytes]:
         try:
-            return await self.keys.new_file_key()
+            return await self.keys.new_file_key(self.key_for_new_file(parent))
         except KeyError_ as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
@@ -551,7 +555,7 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         path = self._new_name(parent_inode, name)
-        record, dek = await self._new_key()
+        record, dek = await self._new_key(parent_inode)
         fd = _open_backing(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                            | os.O_CLOEXEC, stat.S_IMODE(mode))
         try:
@@ -890,8 +894,60 @@ class EncFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         return kind
 
+    #: a directory's CMK for new files below it (a key id or alias when set; reads give
+    #: the key id); stored as this same attribute on the backing directory, in the clear
+    DIR_KEY_XATTR = b"user.encfs.key"
+
+    def _dir_key(self, ino: int) -> str | None:
+        """The CMK configured on a directory itself (not inherited), cached."""
+        if ino not in self._dir_keys:
+            try:
+                value = os.getxattr(self._path(ino), self.DIR_KEY_XATTR, follow_symlinks=False)
+                self._dir_keys[ino] = value.decode("ascii")
+            except (OSError, UnicodeDecodeError):
+                self._dir_keys[ino] = None
+        return self._dir_keys[ino]
+
+    def key_for_new_file(self, parent: int) -> str:
+        """The CMK for a file created in ``parent``: the nearest directory that names one,
+        else the mount's --key."""
+        ino = parent
+        for _ in range(4096):  # deeper than any real tree; guards against a link loop
+            key = self._dir_key(ino)
+            if key:
+                return key
+            node = self.nodes.get(ino)
+            if ino == ROOT or node is None or not node.links:
+                break
+            ino = next(iter(node.links))[0]
+        return self.keys.key_id
+
+    async def _set_dir_key(self, inode: int, value: bytes, ctx) -> None:
+        st = self._stat(inode)
+        if not stat.S_ISDIR(st.st_mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if ctx.uid not in (0, st.st_uid):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        ref = value.decode("utf-8", "replace").strip()
+        try:
+            info = await self.keys.kms.resolve_key(ref)
+        except KmsError as e:
+            log.error("cannot use key %r for new files in %s: %s", ref,
+                      self._display(self._path(inode)), e)
+            raise pyfuse3.FUSEError(KEY_ERRNO.get(e.error_code, errno.EIO)) from None
+        if info.get("key_state") != "2":
+            raise pyfuse3.FUSEError(errno.EKEYREVOKED)
+        os.setxattr(self._path(inode), self.DIR_KEY_XATTR, info["key_id"].encode(),
+                    follow_symlinks=False)
+        self._dir_keys.clear()
+
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        if name == self.DIR_KEY_XATTR and stat.S_ISDIR(self._stat(inode).st_mode):
+            key = self._dir_key(inode)
+            if key is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return key.encode()
         if inode == ROOT and name == self.CONTROL_XATTR_PID:
             return str(os.getpid()).encode()
         if inode == ROOT and name == self.CONTROL_XATTR_MAX_WRITE:
@@ -923,6 +979,8 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        if name == self.DIR_KEY_XATTR:
+            return await self._set_dir_key(inode, value, ctx)
         kind = self._check_xattr_name(name, setting=True)
         if kind is xa.Kind.ENCRYPTED:
             if not stat.S_ISREG(self._stat(inode).st_mode):
@@ -933,6 +991,12 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        if name == self.DIR_KEY_XATTR and stat.S_ISDIR(self._stat(inode).st_mode):
+            st = self._stat(inode)
+            if ctx.uid not in (0, st.st_uid):
+                raise pyfuse3.FUSEError(errno.EPERM)
+            self._dir_keys.clear()
+            return self._xattr_call(inode, os.removexattr, name)
         kind = self._check_xattr_name(name, setting=True)
         if kind is xa.Kind.ENCRYPTED and not stat.S_ISREG(self._stat(inode).st_mode):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -16,6 +16,8 @@ on one.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -23,12 +25,15 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from .renameat2 import renameat2
+from . import renameat2 as _r2
 
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "journal"
 RENAME_EXCHANGE = 2
+#: The largest intent replay reads. An intent holds at most one write request (1 MiB) and
+#: one re-padded block (up to 1 MiB), hex encoded; anything far larger was not written by us.
+INTENT_MAX = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,15 +42,25 @@ class Intent:
 
 
 class JournalError(Exception):
-    """An intent that cannot be parsed (damaged journal file)."""
+    """An intent that cannot be parsed or must not be followed (damaged or planted)."""
 
 
 class Journal:
     def __init__(self, control_dir: bytes):
         self.dir = os.path.join(control_dir, JOURNAL_DIR.encode())
+        #: Intents name files by absolute path; replay touches nothing outside this root.
+        self.root = os.path.dirname(control_dir.rstrip(b"/"))
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._seq = 0
-        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # Never follow a planted symlink: intents must stay in the backing dir.
+            self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                   | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise JournalError(f"{_show(self.dir)} is not a directory (a symlink or "
+                                   "file was put in its place)") from None
+            raise
 
     def close(self) -> None:
         os.close(self._dir_fd)
@@ -54,7 +69,12 @@ class Journal:
         self._seq += 1
         name = b"%d-%d.json" % (os.getpid(), self._seq)
         data = json.dumps(record).encode()
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=self._dir_fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=self._dir_fd)
+        except FileExistsError:  # a leftover of an earlier process with our pid
+            os.unlink(name, dir_fd=self._dir_fd)
+            fd = os.open(name, flags, 0o600, dir_fd=self._dir_fd)
         try:
             os.write(fd, data)
         finally:
@@ -89,20 +109,114 @@ class Journal:
         return sorted(os.path.join(self.dir, n) for n in os.listdir(self.dir))
 
     def replay(self) -> list[str]:
-        """Finish every pending intent; returns one line per intent saying what was done."""
+        """Finish every pending intent; returns one line per intent saying what was done.
+
+        The journal dir is writable by whoever can write to the backing dir, so an intent
+        is untrusted input: it is read without following links or blocking, parsed
+        strictly (parse_intent), and may only touch files beneath the backing dir, reached
+        without following any symlink. Nothing in it can make replay raise.
+        """
         done = []
         for path in self.pending():
+            shown = _show(path)
             try:
-                with open(path, "rb") as f:
-                    record = json.loads(f.read())
-                what = _replay(record)
-            except (ValueError, KeyError, TypeError, JournalError) as e:
-                what = f"ignored a damaged intent {os.fsdecode(path)}: {e}"
+                record = parse_intent(_read_intent(path))
+                what = _replay(self.root, record)
+            except JournalError as e:
+                what = f"ignored a damaged intent {shown}: {e}"
             except OSError as e:
-                what = f"could not finish intent {os.fsdecode(path)}: {e}"
+                what = f"could not finish intent {shown}: {e.strerror or e}"
             done.append(what)
-            os.unlink(path)
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
+            except OSError as e:
+                done.append(f"could not remove intent {shown}: {e.strerror}")
         return done
+
+
+def _show(path: bytes | str) -> str:
+    from .backing import printable
+    return printable(path)
+
+
+def _read_intent(path: bytes) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise JournalError("a symlink (not followed)") from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):
+            raise JournalError("not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JournalError("not a regular file")
+        data = os.read(fd, INTENT_MAX + 1)
+    finally:
+        os.close(fd)
+    if len(data) > INTENT_MAX:
+        raise JournalError(f"larger than {INTENT_MAX} bytes")
+    return data
+
+
+_MAX_OFF = (1 << 63) - 1
+
+
+def _is_int(v: Any, lo: int = 0, hi: int = _MAX_OFF) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _is_ino(v: Any) -> bool:
+    return v is None or _is_int(v, 0, (1 << 64) - 1)
+
+
+def _is_path(v: Any) -> bool:
+    return isinstance(v, str) and v.startswith("/") and "\0" not in v and len(v) < 8192
+
+
+def parse_intent(data: bytes) -> dict[str, Any]:
+    """Parse and validate one intent file. Raises JournalError for anything but the exact
+    shapes Journal.rename and Journal.file_steps write."""
+    try:
+        r = json.loads(data)
+    except (ValueError, RecursionError):
+        raise JournalError("not valid JSON") from None
+    if not isinstance(r, dict):
+        raise JournalError("not a JSON object")
+    op = r.get("op")
+    if op == "rename":
+        if not (_is_path(r.get("old")) and _is_path(r.get("new"))
+                and _is_int(r.get("flags"), 0, 0xffffffff)
+                and all(k in r and _is_ino(r[k]) for k in
+                        ("old_ino", "new_ino", "old_side_ino", "new_side_ino"))):
+            raise JournalError("malformed rename intent")
+        return r
+    if op == "steps":
+        steps = r.get("steps")
+        if not (_is_path(r.get("path")) and _is_int(r.get("ino"), 0, (1 << 64) - 1)
+                and isinstance(steps, list)):
+            raise JournalError("malformed steps intent")
+        parsed = []
+        for step in steps:
+            if (isinstance(step, list) and len(step) == 3 and step[0] == "pwrite"
+                    and _is_int(step[1]) and isinstance(step[2], str)):
+                try:
+                    data_ = bytes.fromhex(step[2])
+                except ValueError:
+                    raise JournalError("pwrite data is not hex") from None
+                if step[1] + len(data_) > _MAX_OFF:
+                    raise JournalError("pwrite beyond the largest file offset")
+                parsed.append(("pwrite", step[1], data_))
+            elif (isinstance(step, list) and len(step) == 2 and step[0] == "truncate"
+                  and _is_int(step[1])):
+                parsed.append(("truncate", step[1]))
+            else:
+                raise JournalError(f"unknown or malformed step {str(step)[:40]!r}")
+        return {**r, "steps": parsed}
+    raise JournalError(f"unknown op {str(op)[:40]!r}")
 
 
 def _ino(path: bytes | None) -> int | None:
@@ -114,57 +228,111 @@ def _ino(path: bytes | None) -> int | None:
         return None
 
 
-def _replay(r: dict[str, Any]) -> str:
+def _ino_at(dir_fd: int, name: bytes) -> int | None:
+    try:
+        return os.lstat(name, dir_fd=dir_fd).st_ino
+    except FileNotFoundError:
+        return None
+
+
+class _Beneath:
+    """The parent directory of a path that must lie beneath ``root`` (and outside its
+    control dir), opened one component at a time without following any symlink."""
+
+    def __init__(self, root: bytes, path: str):
+        p = os.fsencode(path)
+        if not p.startswith(root.rstrip(b"/") + b"/"):
+            raise JournalError(f"path {_show(path)} is outside the backing dir")
+        parts = p[len(root.rstrip(b"/")) + 1:].split(b"/")
+        if any(part in (b"", b".", b"..") for part in parts) or parts[0] == b".encfs":
+            raise JournalError(f"path {_show(path)} is not a plain path in the backing dir")
+        self.name = parts[-1]
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, dir_fd=self.fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise JournalError(f"path {_show(path)} leads through a symlink "
+                                           "or a file (not followed)") from None
+                    raise
+                os.close(self.fd)
+                self.fd = nfd
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> "_Beneath":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
+
+
+def _replay(root: bytes, r: dict[str, Any]) -> str:
     if r["op"] == "rename":
-        return _replay_rename(r)
-    if r["op"] == "steps":
-        return _replay_steps(r)
-    raise JournalError(f"unknown op {r['op']!r}")
+        return _replay_rename(root, r)
+    return _replay_steps(root, r)
 
 
-def _replay_steps(r: dict[str, Any]) -> str:
-    path = os.fsencode(r["path"])
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+def _replay_steps(root: bytes, r: dict[str, Any]) -> str:
+    shown = _show(r["path"])
+    with _Beneath(root, r["path"]) as parent:
+        try:
+            fd = os.open(parent.name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=parent.fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                return f"{shown}: no longer the file of the intent; left alone"
+            raise
     try:
         st = os.fstat(fd)
         if st.st_ino != r["ino"] or not stat.S_ISREG(st.st_mode):
-            return f"{r['path']}: no longer the file of the intent; left alone"
+            return f"{shown}: no longer the file of the intent; left alone"
         for step in r["steps"]:
             if step[0] == "pwrite":
-                os.pwrite(fd, bytes.fromhex(step[2]), step[1])
-            elif step[0] == "truncate":
-                os.ftruncate(fd, step[1])
+                os.pwrite(fd, step[2], step[1])
             else:
-                raise JournalError(f"unknown step {step[0]!r}")
+                os.ftruncate(fd, step[1])
     finally:
         os.close(fd)
-    return f"{r['path']}: finished an interrupted write/truncate"
+    return f"{shown}: finished an interrupted write/truncate"
 
 
-def _replay_rename(r: dict[str, Any]) -> str:
-    old, new = os.fsencode(r["old"]), os.fsencode(r["new"])
+def _rename_at(src: _Beneath, sname: bytes, dst: _Beneath, dname: bytes,
+               flags: int = 0) -> None:
+    if _r2._renameat2(src.fd, sname, dst.fd, dname, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _replay_rename(root: bytes, r: dict[str, Any]) -> str:
     from .format import SIDECAR_SUFFIX
     sfx = SIDECAR_SUFFIX.encode()
-    old_s, new_s = old + sfx, new + sfx
-    exchange = bool(r["flags"] & RENAME_EXCHANGE)
-    data_moved = _ino(new) == r["old_ino"]
-    if not data_moved:
-        return f"{r['old']} -> {r['new']}: rename had not happened; nothing to do"
-    if exchange:
-        # Data swapped; the sidecars must follow: each name gets the other's sidecar.
-        if r["old_side_ino"] is not None and _ino(old_s) == r["old_side_ino"] and \
-                r["new_side_ino"] is not None and _ino(new_s) == r["new_side_ino"]:
-            renameat2(old_s, new_s, RENAME_EXCHANGE)
-        elif r["old_side_ino"] is not None and _ino(old_s) == r["old_side_ino"] and \
-                r["new_side_ino"] is None:
-            os.rename(old_s, new_s)
-        elif r["new_side_ino"] is not None and _ino(new_s) == r["new_side_ino"] and \
-                r["old_side_ino"] is None:
-            os.rename(new_s, old_s)
-        return f"{r['old']} <-> {r['new']}: finished moving the sidecars"
-    if r["old_side_ino"] is not None:
-        if _ino(old_s) == r["old_side_ino"]:
-            os.rename(old_s, new_s)
-    elif r["new_side_ino"] is not None and _ino(new_s) == r["new_side_ino"]:
-        os.unlink(new_s)  # the moved file had no key; the name must not keep the old one's
-    return f"{r['old']} -> {r['new']}: finished moving the sidecar"
+    shown_old, shown_new = _show(r["old"]), _show(r["new"])
+    with _Beneath(root, r["old"]) as o, _Beneath(root, r["new"]) as n:
+        old, new = o.name, n.name
+        old_s, new_s = old + sfx, new + sfx
+        exchange = bool(r["flags"] & RENAME_EXCHANGE)
+        data_moved = _ino_at(n.fd, new) == r["old_ino"]
+        if not data_moved:
+            return f"{shown_old} -> {shown_new}: rename had not happened; nothing to do"
+        old_side_here = r["old_side_ino"] is not None and _ino_at(o.fd, old_s) == r["old_side_ino"]
+        new_side_here = r["new_side_ino"] is not None and _ino_at(n.fd, new_s) == r["new_side_ino"]
+        if exchange:
+            # Data swapped; the sidecars must follow: each name gets the other's sidecar.
+            if old_side_here and new_side_here:
+                _rename_at(o, old_s, n, new_s, RENAME_EXCHANGE)
+            elif old_side_here and r["new_side_ino"] is None:
+                _rename_at(o, old_s, n, new_s)
+            elif new_side_here and r["old_side_ino"] is None:
+                _rename_at(n, new_s, o, old_s)
+            return f"{shown_old} <-> {shown_new}: finished moving the sidecars"
+        if r["old_side_ino"] is not None:
+            if old_side_here:
+                _rename_at(o, old_s, n, new_s)
+        elif new_side_here:
+            os.unlink(new_s, dir_fd=n.fd)  # the moved file had no key; the name must not keep the old one's
+        return f"{shown_old} -> {shown_new}: finished moving the sidecar"

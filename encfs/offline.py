@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -40,11 +39,9 @@ def read_data_header(data_path: bytes) -> tuple[int, fmt.Header | None]:
     Raises fmt.FormatError for a damaged header or a path that is not a regular file
     (never followed), OSError for I/O errors.
     """
-    fd = os.open(data_path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = bk.open_regular(data_path, what="data file")
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise fmt.FormatError("not a regular file")
         if 0 < st.st_size < fmt.HEADER_SIZE:
             raise fmt.FormatError("data file is shorter than its header")
         return st.st_size, bk.read_header(fd) if st.st_size else None
@@ -55,14 +52,10 @@ def read_data_header(data_path: bytes) -> tuple[int, fmt.Header | None]:
 def read_record(data_path: bytes) -> fmt.KeyRecord | None:
     """The key record of a data file, None without a sidecar; fmt.FormatError when the
     sidecar is damaged or not a regular file (never followed)."""
-    side = bk.sidecar_path(data_path)
     try:
-        sst = os.lstat(side)
+        return bk.read_sidecar(data_path)
     except FileNotFoundError:
         return None
-    if not stat.S_ISREG(sst.st_mode):
-        raise fmt.FormatError("sidecar is not a regular file")
-    return bk.read_sidecar(data_path)
 
 
 def read_pair(data_path: bytes) -> Pair:
@@ -76,6 +69,11 @@ def unwrap(client: KmsClient, record: fmt.KeyRecord) -> bytes:
                                   aad=file_aad(record.file_id), length_bytes=record.dek_bytes)
 
 
+def _open_data(pair: Pair):
+    """The data file of a pair for streaming: never through a symlink, never a FIFO."""
+    return os.fdopen(bk.open_regular(pair.data_path, what="data file"), "rb")
+
+
 def plaintext_chunks(pair: Pair, dek: bytes) -> Iterator[bytes]:
     """The plaintext of a data file, in chunks; raises BlockAuthError at a bad block."""
     if pair.header is None:
@@ -83,7 +81,7 @@ def plaintext_chunks(pair: Pair, dek: bytes) -> Iterator[bytes]:
     bs = pair.header.block_size
     cipher = BlockCipher(dek, pair.header.file_id, bs)
     cbs = fmt.cipher_block_size(bs)
-    with open(pair.data_path, "rb") as f:
+    with _open_data(pair) as f:
         f.seek(fmt.HEADER_SIZE)
         block = 0
         while True:
@@ -102,7 +100,7 @@ def bad_blocks(pair: Pair, dek: bytes) -> list[tuple[int, str]]:
     cipher = BlockCipher(dek, pair.header.file_id, bs)
     cbs = fmt.cipher_block_size(bs)
     bad = []
-    with open(pair.data_path, "rb") as f:
+    with _open_data(pair) as f:
         f.seek(fmt.HEADER_SIZE)
         block = 0
         while True:

@@ -161,3 +161,38 @@ def test_destroyed_key_makes_data_permanently_unreadable(revocable):
     assert res.returncode == 4
     [problem] = json.loads(res.stdout)["problems"]
     assert problem["kind"] == "key-unusable" and "destroyed" in problem["detail"]
+
+
+def test_directory_carries_its_own_key(encrypted_mount):
+    """`user.encfs.key` on a directory picks the CMK for new files below it."""
+    m = encrypted_mount
+    c = m.kms.client
+    tenant = c.create_key("tenant-x")["key_id"]
+    os.makedirs(f"{m.mountpoint}/tenants/x/deep")
+    os.setxattr(f"{m.mountpoint}/tenants/x", "user.encfs.key", b"tenant-x")
+    assert os.getxattr(f"{m.mountpoint}/tenants/x", "user.encfs.key") == tenant.encode()
+    for rel in ("tenants/x/a", "tenants/x/deep/b", "tenants/other", "top"):
+        open(f"{m.mountpoint}/{rel}", "w").write(rel)
+
+    def cmk(rel):
+        return fmt.decode_sidecar(open(f"{m.backing}/{rel}.sfskey", "rb").read()).key_id
+    assert cmk("tenants/x/a") == cmk("tenants/x/deep/b") == tenant
+    assert cmk("tenants/other") == cmk("top") == m.key_id
+    # A subtree moved elsewhere keeps its own key; files keep theirs whatever the key.
+    os.rename(f"{m.mountpoint}/tenants/x", f"{m.mountpoint}/x-moved")
+    open(f"{m.mountpoint}/x-moved/c", "w").write("c")
+    assert cmk("x-moved/c") == tenant
+    with pytest.raises(OSError) as e:
+        os.setxattr(f"{m.mountpoint}/x-moved", "user.encfs.key", b"no-such-key")
+    assert e.value.errno == errno.ENOKEY
+    with pytest.raises(OSError) as e:
+        os.setxattr(f"{m.mountpoint}/top", "user.encfs.key", b"tenant-x")
+    assert e.value.errno == errno.ENOTDIR
+    os.removexattr(f"{m.mountpoint}/x-moved", "user.encfs.key")
+    open(f"{m.mountpoint}/x-moved/d", "w").write("d")
+    assert cmk("x-moved/d") == m.key_id
+    m.remount()
+    expected = {"x-moved/a": "tenants/x/a", "x-moved/deep/b": "tenants/x/deep/b",
+                "x-moved/c": "c", "x-moved/d": "d", "top": "top"}
+    for rel, content in expected.items():
+        assert open(f"{m.mountpoint}/{rel}").read() == content
