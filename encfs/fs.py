@@ -75,6 +75,13 @@ def _open_backing(path: bytes, flags: int, mode: int = 0o600) -> int:
         return os.open(path, flags, mode)
 
 
+def _mirror_mode(data_path: bytes, mode: int) -> None:
+    """A sidecar is readable by whoever may read its data file, and writable only by the
+    owner: the wrapped DEK it holds is useless without the KMS's permission, and another
+    user who serves the files (`encfs mount --user`) needs to read it."""
+    os.chmod(bk.sidecar_path(data_path), stat.S_IMODE(mode) & 0o644, follow_symlinks=False)
+
+
 #: relatime: atime is updated when it is not newer than mtime or ctime, or a day old.
 _RELATIME_NS = 24 * 3600 * 10**9
 
@@ -284,6 +291,7 @@ class EncFS(pyfuse3.Operations):
                 st = os.fstat(fd)
                 bk.write_sidecar(self.backing, path, record,
                                  *((st.st_uid, st.st_gid) if self.as_root else ()))
+                _mirror_mode(path, st.st_mode)
             else:
                 if header is not None and header.file_id != record.file_id:
                     log.error("%s (backing %s): sidecar belongs to another file "
@@ -463,7 +471,12 @@ class EncFS(pyfuse3.Operations):
         if node.fd is None:
             # Always read-write and never O_APPEND: writeback caching makes the kernel
             # read through write-only handles and pick append offsets itself.
-            node.fd = _open_backing(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                node.fd = _open_backing(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except PermissionError:
+                # Not ours to write (e.g. --user serving another user's files): reads work,
+                # writes fail with EBADF from the backing fd, as for a read-only file.
+                node.fd = _open_backing(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         node.opens += 1
         try:
             await self._load_key(node, path, node.fd)
@@ -521,6 +534,8 @@ class EncFS(pyfuse3.Operations):
                 os.fchmod(node.fd, stat.S_IMODE(attr.st_mode))
             elif not stat.S_ISLNK(os.lstat(path).st_mode):  # Linux has no lchmod
                 os.chmod(path, stat.S_IMODE(attr.st_mode))
+                if os.path.lexists(bk.sidecar_path(path)):
+                    _mirror_mode(path, attr.st_mode)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
@@ -563,6 +578,7 @@ class EncFS(pyfuse3.Operations):
             st = os.fstat(fd)
             bk.write_sidecar(self.backing, path, record,
                              *((st.st_uid, st.st_gid) if self.as_root else ()))
+            _mirror_mode(path, st.st_mode)
         except BaseException:
             os.close(fd)
             os.unlink(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import stat
 import sys
 import time
@@ -79,7 +80,7 @@ class Fsck:
                 path = os.path.join(dirpath, name)
                 if fmt.is_sidecar_name(name):
                     sidecars.append(path)
-                elif name in filenames and stat.S_ISREG(os.lstat(path).st_mode):
+                elif name in filenames and _is_regular(path):
                     data_files.append(path)
         total = len(data_files)
         self.report.files = total
@@ -107,6 +108,9 @@ class Fsck:
         except fmt.FormatError as e:
             self._to_lost_found(self.report.add("bad-header", rel, str(e)), path)
             return None
+        except OSError as e:
+            self.report.add("unreadable", rel, f"cannot read the data file: {e.strerror}")
+            return None
         pair = Pair(path, size, header, None)
         if header is not None and fmt.torn_tail(size, header.block_size):
             p = self.report.add("torn-block", rel, "data file ends in a fragment shorter "
@@ -116,6 +120,9 @@ class Fsck:
             pair.record = read_record(path)
         except fmt.FormatError as e:
             self._pair_problems[path] = self.report.add("bad-sidecar", rel, str(e))
+        except OSError as e:
+            self._pair_problems[path] = self.report.add(
+                "bad-sidecar", rel, f"cannot read the sidecar: {e.strerror}")
         return pair
 
     # --- pairing ------------------------------------------------------------------------
@@ -169,10 +176,7 @@ class Fsck:
 
     def _parse_sidecar(self, side: bytes) -> fmt.KeyRecord | None:
         try:
-            if not stat.S_ISREG(os.lstat(side).st_mode):
-                return None
-            with open(side, "rb") as f:
-                return fmt.decode_sidecar(f.read(fmt.SIDECAR_SIZE + 1))
+            return bk.read_sidecar_file(side)  # never follows a link, never blocks
         except (fmt.FormatError, OSError):
             return None
 
@@ -208,7 +212,14 @@ class Fsck:
             p = self.report.add("temp-file", self._rel(path), "leftover temporary file of "
                                 "an interrupted write")
             if self.repair:
-                os.unlink(path)
+                try:
+                    if stat.S_ISDIR(os.lstat(path).st_mode):
+                        shutil.rmtree(path)  # never follows symlinks inside
+                    else:
+                        os.unlink(path)
+                except OSError as e:
+                    p.detail += f"; cannot remove it: {e.strerror}"
+                    continue
                 p.repaired = "removed"
 
     # --- keys and blocks ----------------------------------------------------------------
@@ -227,7 +238,12 @@ class Fsck:
                 self.report.add("key-unusable", rel, f"cannot unwrap its DEK with CMK "
                                 f"{rec.key_id}: {e}")
                 continue
-            bad = bad_blocks(pair, dek)
+            try:
+                bad = bad_blocks(pair, dek)
+            except (OSError, fmt.FormatError) as e:
+                self.report.add("unreadable", rel, f"cannot read its blocks: "
+                                f"{getattr(e, 'strerror', None) or e}")
+                continue
             if bad:
                 detail = ", ".join(f"block {n}: {why}" for n, why in bad[:10])
                 if len(bad) > 10:
@@ -261,7 +277,8 @@ class Fsck:
         lf = os.path.join(self.backing, LOST_FOUND)
         os.makedirs(lf, mode=0o700, exist_ok=True)
         copy = os.path.join(lf, self._rel(pair.data_path).replace(b"/", b"%") + b".torn")
-        with open(pair.data_path, "rb") as src, open(copy, "xb") as dst:
+        src_fd = bk.open_regular(pair.data_path, what="data file")
+        with os.fdopen(src_fd, "rb") as src, open(copy, "xb") as dst:
             dst.write(src.read())
         if os.path.lexists(bk.sidecar_path(pair.data_path)):  # keep the copy readable
             os.link(bk.sidecar_path(pair.data_path), bk.sidecar_path(copy))
@@ -270,6 +287,13 @@ class Fsck:
         os.truncate(pair.data_path, keep)
         pair.size = keep
         problem.repaired = f"cut to {keep} bytes; the original is {os.fsdecode(self._rel(copy))}"
+
+
+def _is_regular(path: bytes) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,15 +312,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     backing = os.path.abspath(args.backing)
     if not os.path.isdir(backing):
-        print(f"encfs fsck: {backing} is not a directory", file=sys.stderr)
+        print(f"encfs fsck: {bk.printable(backing)} is not a directory", file=sys.stderr)
         return EXIT_ERROR
     lock = bk.MountLock(os.fsencode(backing))
     if os.path.isdir(bk.control_path(os.fsencode(backing))):
         try:
             lock.acquire()  # held while we run: no mount can start under us
-        except bk.BackingError:
-            print(f"encfs fsck: {backing} is in use by a running encfs mount; unmount it "
-                  "first", file=sys.stderr)
+        except bk.BackingInUse:
+            print(f"encfs fsck: {bk.printable(backing)} is in use by a running encfs mount; "
+                  "unmount it first", file=sys.stderr)
+            return EXIT_ERROR
+        except bk.BackingError as e:
+            print(f"encfs fsck: {e}", file=sys.stderr)
             return EXIT_ERROR
     try:
         return _fsck(args, backing)
@@ -307,8 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fsck(args: argparse.Namespace, backing: str) -> int:
     mounted = mount_of_backing(backing)
     if mounted is not None:
-        print(f"encfs fsck: {backing} is mounted on {mounted.mountpoint}; "
-              f"unmount it first (encfs umount {mounted.mountpoint})", file=sys.stderr)
+        print(f"encfs fsck: {bk.printable(backing)} is mounted on "
+              f"{bk.printable(mounted.mountpoint)}; unmount it first (encfs umount "
+              f"{bk.printable(mounted.mountpoint)})", file=sys.stderr)
         return EXIT_ERROR
     client = None
     if not args.no_kms:
@@ -330,7 +358,8 @@ def _fsck(args: argparse.Namespace, backing: str) -> int:
     else:
         for p in report.problems:
             fixed = f"  [repaired: {p.repaired}]" if p.repaired else ""
-            print(f"{p.kind}: {p.path}: {p.detail}{fixed}")
+            fixed = bk.printable(fixed)
+            print(f"{p.kind}: {bk.printable(p.path)}: {bk.printable(p.detail)}{fixed}")
         left = sum(1 for p in report.problems if not p.repaired)
         print(f"{report.files} files checked, {len(report.problems)} problems, "
               f"{left} left" + ("" if args.repair or not left else
@@ -344,6 +373,12 @@ def _save_report(backing: bytes, report: Report, started: float) -> None:
         return
     d = bk.control_path(backing, REPORT_DIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(d).st_mode):  # a planted symlink: never write through it
+        print(f"encfs fsck: {bk.printable(d)} is not a directory; report not saved",
+              file=sys.stderr)
+        return
     name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + ".json"
-    with open(os.path.join(d, name.encode()), "w") as f:
+    fd = os.open(os.path.join(d, name.encode()),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
         json.dump(asdict(report), f, indent=1)

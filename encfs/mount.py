@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import logging
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CMK (id or alias) for new files (default: {DEFAULT_KEY})")
     p.add_argument("--key-cache-ttl", type=float, default=DEFAULT_TTL, metavar="SECONDS",
                    help="how long a plaintext DEK stays cached after use (default: 60)")
+    p.add_argument("--user", metavar="USER",
+                   help="(as root) mount, then serve as USER (name or uid): the KMS sees "
+                   "that user, whose keys and grants decide access; add -o allow_other so "
+                   "USER can use the mount")
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground until unmounted")
     p.add_argument("-o", dest="options", action="append", default=[],
@@ -138,13 +143,20 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
         raise UserError(f"cannot mount on {mountpoint}: {e}") from None
-    log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
     clean = False
     try:
+        if args.user:
+            # The mount needed root (/dev/fuse); from here on we are the user, and every
+            # KMS request carries the user's uid (SO_PEERCRED).
+            serve_as(args.user, backing)
+            ops.as_root = False
+            key_id = _check_key(kms, args.key)
+        log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
         trio.run(_serve, ops, kms, key_id, args.key_cache_ttl)
         clean = True
     finally:
         ops.close_all()
+        back_to_root()  # unmounting a mount made by root needs root
         pyfuse3.close(unmount=True)
         if clean:
             bk.mark_clean(backing)
@@ -174,6 +186,33 @@ async def _terminate_on_signal() -> None:
             log.info("signal received, unmounting")
             pyfuse3.terminate()
             return
+
+
+def serve_as(user: str, backing: bytes) -> None:
+    """Take on ``user``'s identity for everything from here on (all threads: nothing else
+    runs yet). The effective uid is what the KMS sees (SO_PEERCRED) and what owns new
+    backing files; the saved uid stays root so that the mount can be undone at the end
+    (`back_to_root`). The control dir must stay writable (journal, markers)."""
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid = pw.pw_uid, pw.pw_gid
+    except KeyError:
+        if not user.isdigit():
+            raise UserError(f"no such user {user!r}") from None
+        uid = gid = int(user)
+    ctl = bk.control_path(backing)
+    for dirpath, dirnames, filenames in os.walk(ctl):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.chown(name, uid, gid, follow_symlinks=False)
+    os.setgroups([gid])
+    os.setresgid(gid, gid, 0)
+    os.setresuid(uid, uid, 0)
+
+
+def back_to_root() -> None:
+    if os.getresuid()[2] == 0 and os.geteuid() != 0:
+        os.setresuid(0, 0, 0)
+        os.setresgid(0, 0, 0)
 
 
 def _setup_logging(debug: bool) -> None:

@@ -16,7 +16,7 @@ from typing import Sequence
 from kms.client import KmsError
 
 from . import format as fmt
-from .backing import CONTROL_DIR
+from .backing import CONTROL_DIR, printable, read_sidecar_file
 from .cipher import BlockAuthError
 from .mounts import backing_path_of
 from .offline import kms_client, plaintext_chunks, read_pair, unwrap
@@ -51,10 +51,13 @@ def describe(path: str, socket: str | None = None, project_id: str | None = None
     if rec is None:
         info["sidecar"] = None
         return info
+    try:
+        created = datetime.fromtimestamp(rec.created_ns / 1e9, timezone.utc) \
+            .isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        created = f"invalid ({rec.created_ns} ns)"
     info.update(file_id=rec.file_id.hex(), cmk_id=rec.key_id, key_version=key_version(rec),
-                record_sequence=rec.seq, dek_bits=rec.dek_bytes * 8,
-                created=datetime.fromtimestamp(rec.created_ns / 1e9, timezone.utc)
-                .isoformat(timespec="seconds"))
+                record_sequence=rec.seq, dek_bits=rec.dek_bytes * 8, created=created)
     if pair.header is not None and pair.header.file_id != rec.file_id:
         info["problem"] = "the sidecar's file id differs from the data file's"
     try:
@@ -85,7 +88,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
         try:
             out.append(describe(path, args.kms_socket, args.project_id))
         except (OSError, fmt.FormatError) as e:
-            print(f"encfs inspect: {path}: {getattr(e, 'strerror', None) or e}",
+            print(f"encfs inspect: {printable(path)}: {getattr(e, 'strerror', None) or e}",
                   file=sys.stderr)
             rc = 1
     if args.json:
@@ -94,7 +97,8 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     else:
         for info in out:
             width = max(len(k) for k in info)
-            print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
+            print("\n".join(f"{k:<{width}}  {printable(v) if isinstance(v, str) else v}"
+                            for k, v in info.items()))
             if len(out) > 1:
                 print()
     return rc
@@ -111,8 +115,7 @@ def files_with_id(top: str, file_id: bytes) -> list[str]:
                 continue
             side = os.path.join(dirpath, name)
             try:
-                with open(side, "rb") as f:
-                    rec = fmt.decode_sidecar(f.read(fmt.SIDECAR_SIZE + 1))
+                rec = read_sidecar_file(side)  # never follows a link, never blocks
             except (OSError, fmt.FormatError):
                 continue
             if rec.file_id == file_id:
@@ -126,10 +129,11 @@ def _find_file_id(tops: list[str], hex_id: str, as_json: bool) -> int:
         if len(file_id) != fmt.FILE_ID_SIZE:
             raise ValueError
     except ValueError:
-        print(f"encfs inspect: --file-id takes 32 hex digits, not {hex_id!r}", file=sys.stderr)
+        print(f"encfs inspect: --file-id takes 32 hex digits, not {printable(hex_id)!r}",
+              file=sys.stderr)
         return 2
     found = [p for top in tops for p in files_with_id(top, file_id)]
-    print(json.dumps(found, indent=1) if as_json else "\n".join(found))
+    print(json.dumps(found, indent=1) if as_json else "\n".join(map(printable, found)))
     return 0 if found else 1
 
 
@@ -156,11 +160,11 @@ def decrypt_main(argv: Sequence[str] | None = None) -> int:
             out.write(chunk)
         out.flush()
     except (OSError, fmt.FormatError, KmsError) as e:
-        print(f"encfs decrypt: {args.backing_file}: {getattr(e, 'strerror', None) or e}",
-              file=sys.stderr)
+        print(f"encfs decrypt: {printable(args.backing_file)}: "
+              f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
     except BlockAuthError as e:
-        print(f"encfs decrypt: {args.backing_file}: {e}; output stops before it",
+        print(f"encfs decrypt: {printable(args.backing_file)}: {e}; output stops before it",
               file=sys.stderr)
         return 1
     return 0

@@ -45,7 +45,10 @@ def sidecars_under(backing: bytes, top: bytes) -> Iterator[bytes]:
             if not fmt.is_sidecar_name(name):
                 continue
             path = os.path.join(dirpath, name)
-            st = os.lstat(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
             if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
                 yield path
@@ -55,7 +58,7 @@ def rewrite_record(side: bytes,
                    update: Callable[[fmt.KeyRecord], fmt.KeyRecord | None]) -> fmt.KeyRecord | None:
     """Rewrite a sidecar's record in place: ``update(record)`` gives the new record, or
     None to leave it. Writes the other slot and fsyncs, so a torn write keeps the old."""
-    fd = os.open(side, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = bk.open_regular(side, os.O_RDWR, what="sidecar")  # no links, no FIFOs
     try:
         data = os.pread(fd, fmt.SIDECAR_SIZE + 1, 0)
         new = update(fmt.decode_sidecar(data))
@@ -99,7 +102,7 @@ def run(backing: bytes, top: bytes, client: KmsClient, to_key: str | None,
     rewrapper = Rewrapper(client, to_key)
     paths = list(sidecars_under(backing, top))
     for i, side in enumerate(paths, 1):
-        rel = os.fsdecode(os.path.relpath(side, backing))
+        rel = bk.printable(os.path.relpath(side, backing))
         try:
             if rewrite_record(side, rewrapper.rewrap) is None:
                 summary.current += 1
@@ -107,8 +110,12 @@ def run(backing: bytes, top: bytes, client: KmsClient, to_key: str | None,
                 summary.rewrapped += 1
         except FileNotFoundError:
             pass  # removed or renamed through the mount while we walked
-        except (KmsError, fmt.FormatError, OSError) as e:
+        except (KmsError, fmt.FormatError) as e:
             summary.failed.append(f"{rel}: {e}")
+        except OSError as e:
+            summary.failed.append(f"{rel}: {e.strerror or e}")
+        except (ValueError, KeyError, TypeError) as e:  # a reply we cannot use
+            summary.failed.append(f"{rel}: unexpected KMS reply: {type(e).__name__}")
         if progress:
             print(f"\rrewrap: {i}/{len(paths)} files", end="", file=sys.stderr, flush=True)
     if progress and paths:
@@ -129,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backing = os.fsencode(os.path.abspath(args.backing))
     top = os.fsencode(os.path.abspath(backing_path_of(args.path))) if args.path else backing
     if not os.path.isdir(backing) or not os.path.isdir(top):
-        print(f"encfs rewrap: {os.fsdecode(top)} is not a directory", file=sys.stderr)
+        print(f"encfs rewrap: {bk.printable(top)} is not a directory", file=sys.stderr)
         return 2
     if not (top + b"/").startswith(backing + b"/"):
         print("encfs rewrap: --path must lie inside BACKING", file=sys.stderr)

@@ -1,0 +1,163 @@
+"""Grants between real local users: user B serves user A's backing dir only through A's grant.
+
+`encfs mount --user B` mounts as root and then runs as B, so every KMS request carries B's
+uid (SO_PEERCRED). Helpers fork and switch uid after import: a non-root process cannot
+start this venv's interpreter (it lives under /root).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from encfs import format as fmt
+from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from kms.client import KmsClient, KmsError
+
+A, B = 4242, 4243
+GRACE = 1.0
+
+
+def as_uid(uid: int, fn):
+    """Run fn() in a child that has become ``uid``; return its result or raise its error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                out = ("ok", fn())
+            except Exception as e:  # sent back to the parent
+                out = ("err", f"{type(e).__name__}: {e}")
+            os.write(w, pickle.dumps(out))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    status, value = pickle.loads(data)
+    if status == "err":
+        raise RuntimeError(value)
+    return value
+
+
+@pytest.fixture
+def shared():
+    work = _short_tempdir("encfs-grant-")
+    os.chmod(work, 0o755)
+    kms = start_kms_server(f"{work}/kms", extra_args=["--socket-mode", "0666"])
+    os.chmod(f"{work}/kms", 0o755)
+    backing, mnt = f"{work}/backing", f"{work}/mnt"
+    os.makedirs(backing)
+    os.makedirs(mnt)
+    os.chmod(backing, 0o777)
+    try:
+        yield kms, backing, mnt
+    finally:
+        if any(line.split()[1] == mnt for line in open("/proc/mounts")):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        kms.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def mount(kms, backing, mnt, uid, key_id) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "encfs", "mount", backing, mnt,
+                           "--kms-socket", kms.socket_path, "--key", key_id, "--user", str(uid),
+                           "--key-cache-ttl", str(GRACE)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def umount(mnt) -> None:
+    res = subprocess.run([sys.executable, "-m", "encfs", "umount", mnt], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def daemon_euid(mnt) -> int:
+    pid = int(os.getxattr(mnt, "user.encfs.pid"))
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("Uid:"):
+            return int(line.split()[2])
+    raise AssertionError("no Uid line")
+
+
+def wait_errno(fn, expected, within):
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            fn()
+        except OSError as e:
+            assert e.errno == expected, e
+            return
+        assert time.monotonic() < deadline, "still readable"
+        time.sleep(0.05)
+
+
+@pytest.mark.fuse
+def test_second_user_needs_a_grant(shared):
+    kms, backing, mnt = shared
+    sock = kms.socket_path
+    key_a = as_uid(A, lambda: KmsClient(sock).create_key("a-data")["key_id"])
+
+    # User A fills the backing dir through its own mount.
+    res = mount(kms, backing, mnt, A, key_a)
+    assert res.returncode == 0, res.stderr
+    assert daemon_euid(mnt) == A
+    with open(f"{mnt}/a-file", "w") as f:
+        f.write("written by A")
+    assert os.stat(f"{backing}/a-file").st_uid == A
+    umount(mnt)
+
+    # Without a grant, B cannot use A's key: the mount is refused with the KMS's word.
+    res = mount(kms, backing, mnt, B, key_a)
+    assert res.returncode == 1 and "KMS.0306" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    # Not even with the backing dir world-readable: the wrapped DEK is useless to B.
+    rec = fmt.decode_sidecar(open(f"{backing}/a-file.sfskey", "rb").read())
+    with pytest.raises(RuntimeError, match="KMS.0306"):
+        as_uid(B, lambda: KmsClient(sock).decrypt_datakey(rec.key_id, rec.cipher_text,
+                                                          aad=rec.file_id.hex()))
+
+    grant = as_uid(A, lambda: KmsClient(sock).call("create-grant", {
+        "key_id": key_a, "grantee_principal": str(B),
+        "operations": ["describe-key", "create-datakey", "decrypt-datakey"]})["grant_id"])
+    res = mount(kms, backing, mnt, B, key_a)
+    assert res.returncode == 0, res.stderr
+    assert daemon_euid(mnt) == B
+    assert open(f"{mnt}/a-file").read() == "written by A"
+    with open(f"{mnt}/b-file", "w") as f:
+        f.write("written by B")
+    b_rec = fmt.decode_sidecar(open(f"{backing}/b-file.sfskey", "rb").read())
+    assert b_rec.key_id == key_a and os.stat(f"{backing}/b-file").st_uid == B
+
+    # A revokes the grant: B's mount loses access within the grace period.
+    as_uid(A, lambda: KmsClient(sock).call("revoke-grant",
+                                           {"key_id": key_a, "grant_id": grant}))
+    wait_errno(lambda: open(f"{mnt}/a-file").read(), errno.EACCES, GRACE + 2)
+    umount(mnt)
+
+    # A decrypt-only grant makes the mount read-only for existing files.
+    as_uid(A, lambda: KmsClient(sock).call("create-grant", {
+        "key_id": key_a, "grantee_principal": str(B),
+        "operations": ["describe-key", "decrypt-datakey"]}))
+    res = mount(kms, backing, mnt, B, key_a)
+    assert res.returncode == 0, res.stderr
+    assert open(f"{mnt}/a-file").read() == "written by A"
+    assert open(f"{mnt}/b-file").read() == "written by B"
+    with pytest.raises(OSError) as e:
+        open(f"{mnt}/new-file", "w").write("x")
+    assert e.value.errno == errno.EACCES
+    log = open(f"{backing}/.encfs/mount.log").read()
+    assert "cannot create a data key" in log and "KMS.0306" in log
+    umount(mnt)
