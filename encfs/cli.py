@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from . import fsck, mount, recovery, rewrap
+from . import fsck, mount, recovery, rekey, rewrap
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "mount": (mount.main, "mount BACKING on MOUNTPOINT"),
     "umount": (mount.umount_main, "flush and unmount MOUNTPOINT"),
     "fsck": (fsck.main, "check (and --repair) an unmounted BACKING dir"),
     "rewrap": (rewrap.main, "re-wrap every DEK under the newest key version or --to-key"),
+    "rekey": (rekey.main, "give files in a mount a new DEK (re-encrypts their content)"),
     "inspect": (recovery.inspect_main, "show a file's CMK, key version, file id (never the DEK)"),
     "decrypt": (recovery.decrypt_main, "write a backing file's plaintext to stdout (recovery)"),
 }

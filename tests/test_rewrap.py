@@ -152,3 +152,34 @@ def test_rewrap_killed_halfway_then_resumed(encrypted_mount):
     m.mount()
     for rel, content in files.items():
         assert open(f"{m.mountpoint}/{rel}", "rb").read() == content
+
+
+def test_rekey_gives_new_deks_and_keeps_content_and_metadata(encrypted_mount):
+    m = encrypted_mount
+    files = write_files(m, "tree", 4)
+    os.chmod(f"{m.mountpoint}/tree/f0", 0o640)
+    os.utime(f"{m.mountpoint}/tree/f0", ns=(1_500_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.setxattr(f"{m.mountpoint}/tree/f0", "user.note", b"kept")
+    os.link(f"{m.mountpoint}/tree/f3", f"{m.mountpoint}/f3-link")
+    before = records(m)
+    res = subprocess.run([sys.executable, "-m", "encfs", "rekey", f"{m.mountpoint}/tree"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("3 rekeyed, 1 skipped, 0 failed")
+    after = records(m)
+    for i in range(3):
+        rel = f"tree/f{i}{S}"
+        assert after[rel].file_id != before[rel].file_id
+        assert after[rel].wrapped_dek != before[rel].wrapped_dek
+    assert after[f"tree/f3{S}"] == before[f"tree/f3{S}"]  # hard-linked: skipped
+    st = os.stat(f"{m.mountpoint}/tree/f0")
+    assert oct(st.st_mode & 0o7777) == oct(0o640)
+    assert st.st_mtime_ns == 1_600_000_000_000_000_000
+    assert os.getxattr(f"{m.mountpoint}/tree/f0", "user.note") == b"kept"
+    m.remount()
+    for rel, content in files.items():
+        assert open(f"{m.mountpoint}/{rel}", "rb").read() == content
+    assert not [n for n in os.listdir(f"{m.mountpoint}/tree") if n.startswith(".encfs-rekey")]
+    outside = subprocess.run([sys.executable, "-m", "encfs", "rekey", m.backing],
+                             capture_output=True, text=True)
+    assert outside.returncode == 2 and "not inside a mounted encfs" in outside.stderr
