@@ -37,8 +37,9 @@ def printable(name: bytes | str) -> str:
     """A path or name as one line of text, for logs and CLI output.
 
     Anyone who can write to the backing dir chooses its names: a newline would forge an
-    extra log line, an invalid UTF-8 byte would crash a strict stdout. Control characters,
-    backslashes and undecodable bytes are escaped (``\\n``, ``\\xff``); everything else,
+    extra log line, an invalid UTF-8 byte would crash a strict stdout. Non-printable
+    characters (controls, separators, bidi overrides), backslashes and undecodable bytes are
+    escaped (``\\n``, ``\\xff``); everything else,
     including non-ASCII letters, is kept as it is.
     """
     if isinstance(name, str):
@@ -51,9 +52,10 @@ def printable(name: bytes | str) -> str:
             out.append(f"\\x{o - 0xdc00:02x}")
         elif ch == "\\":
             out.append("\\\\")
-        elif o < 0x20 or o == 0x7f or 0x80 <= o < 0xa0 or ch in "\u2028\u2029":
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{o:02x}"
-                       if o < 0x100 else f"\\u{o:04x}"))
+        elif not ch.isprintable():  # controls, line/paragraph separators, bidi overrides
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(
+                ch, f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000
+                else f"\\U{o:08x}"))
         else:
             out.append(ch)
     return "".join(out)

@@ -152,8 +152,12 @@ def encode_slot(rec: KeyRecord) -> bytes:
         key_id = rec.key_id.encode("ascii")
     except UnicodeEncodeError:
         raise FormatError("key id must be ASCII") from None
+    if not all(0x21 <= c <= 0x7e for c in key_id):
+        raise FormatError("key id must be printable ASCII without spaces")
+    if not DEK_BYTES_MIN <= rec.dek_bytes <= DEK_BYTES_MAX:
+        raise FormatError(f"unsupported DEK length {rec.dek_bytes}")
     if not key_id or len(key_id) > KEY_ID_MAX:
-        raise FormatError("key id too long for a sidecar slot")
+        raise FormatError("key id empty or too long for a sidecar slot")
     if len(rec.wrapped_dek) > WRAPPED_MAX:
         raise FormatError("wrapped DEK too long for a sidecar slot")
     if len(rec.file_id) != FILE_ID_SIZE:

@@ -205,7 +205,7 @@ class EncFS(pyfuse3.Operations):
     def _display(self, path: bytes) -> str:
         """The plaintext path of a backing path, for log lines."""
         rel = os.path.relpath(path, self.backing)
-        return os.path.join(self.mountpoint, os.fsdecode(rel))
+        return bk.printable(os.path.join(os.fsencode(self.mountpoint), rel))
 
     def _attr(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -269,7 +269,7 @@ class EncFS(pyfuse3.Operations):
                 header = bk.read_header(fd)
             except fmt.FormatError as e:
                 log.error("%s (backing %s): bad data file header: %s",
-                          self._display(path), os.fsdecode(path), e)
+                          self._display(path), bk.printable(path), e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             try:
                 record = bk.read_sidecar(path)
@@ -277,13 +277,13 @@ class EncFS(pyfuse3.Operations):
                 record = None
             except (fmt.FormatError, OSError) as e:
                 log.error("%s (backing %s): unreadable sidecar: %s",
-                          self._display(path), os.fsdecode(path), e)
+                          self._display(path), bk.printable(path), e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             if record is None:
                 if header is not None or os.fstat(fd).st_size > 0:
                     log.error("%s (backing %s): data file has no sidecar %s",
-                              self._display(path), os.fsdecode(path),
-                              os.fsdecode(bk.sidecar_path(path)))
+                              self._display(path), bk.printable(path),
+                              bk.printable(bk.sidecar_path(path)))
                     raise pyfuse3.FUSEError(errno.EIO)
                 # An empty file without a key (made outside the mount): give it one now.
                 parent = next(iter(node.links))[0] if node.links else ROOT
@@ -295,11 +295,11 @@ class EncFS(pyfuse3.Operations):
             else:
                 if header is not None and header.file_id != record.file_id:
                     log.error("%s (backing %s): sidecar belongs to another file "
-                              "(file id mismatch)", self._display(path), os.fsdecode(path))
+                              "(file id mismatch)", self._display(path), bk.printable(path))
                     raise pyfuse3.FUSEError(errno.EIO)
                 try:
                     dek = await self.keys.unwrap(
-                        record, f"{self._display(path)} (backing {os.fsdecode(path)})")
+                        record, f"{self._display(path)} (backing {bk.printable(path)})")
                 except KeyError_ as e:
                     raise pyfuse3.FUSEError(e.errno) from None
             node.block_size = header.block_size if header else self.config.block_size
@@ -342,7 +342,7 @@ class EncFS(pyfuse3.Operations):
     def _log_bad_block(self, node: Node, block_no: int, reason: str) -> None:
         path = self._any_path(node)
         log.error("%s (backing %s): block %d: %s", self._display(path) if path else
-                  f"inode {node.ino}", os.fsdecode(path) if path else "unlinked",
+                  f"inode {node.ino}", bk.printable(path) if path else "unlinked",
                   block_no, reason)
 
     def _any_path(self, node: Node) -> bytes | None:
@@ -983,7 +983,7 @@ class EncFS(pyfuse3.Operations):
             path = self._any_path(self.nodes[inode])
             log.error("%s (backing %s): xattr %s: %s",
                       self._display(path) if path else f"inode {inode}",
-                      os.fsdecode(path) if path else "unlinked", os.fsdecode(name), e)
+                      bk.printable(path) if path else "unlinked", bk.printable(name), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     @_fuse_errors

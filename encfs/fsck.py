@@ -131,6 +131,8 @@ class Fsck:
         """Every data file with content needs the sidecar with its file id beside it."""
         available: dict[bytes, bytes] = {}  # file id -> a sidecar path holding it
         for side in sidecars + self._temp_files():
+            if not os.path.lexists(side):
+                continue  # moved to lost+found with its data file already
             rec = self._parse_sidecar(side)
             if rec is not None:
                 available.setdefault(rec.file_id, side)

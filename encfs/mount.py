@@ -339,7 +339,9 @@ def _spawn_background(args: argparse.Namespace, argv: Sequence[str] | None, back
     """Run the mount in a detached child and return once the mountpoint is live."""
     argv = list(sys.argv[2:] if argv is None else argv)
     log_path = args.log or os.fsdecode(bk.control_path(backing, LOG_FILE))
-    with open(log_path, "ab") as logf:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    with os.fdopen(log_fd, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "encfs", "mount", *argv, "--foreground"],
                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True)

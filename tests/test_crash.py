@@ -67,7 +67,7 @@ def page_member(actual: bytes, cands: list[bytes]) -> bool:
 
 def check_after_crash(mnt: str, log_path: str) -> None:
     candidates, inflight = replay(log_path)
-    present = set(os.listdir(mnt))
+    present = set(os.listdir(mnt)) - {"lost+found"}  # where fsck --repair puts orphans
     contents = {}
     for name in present:
         with open(f"{mnt}/{name}", "rb") as f:  # EIO here is the failure we look for
