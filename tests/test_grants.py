@@ -19,7 +19,7 @@ import pytest
 
 from encfs import format as fmt
 from encfs.pytest_plugin import _short_tempdir, start_kms_server
-from kms.client import KmsClient, KmsError
+from kms.client import KmsClient
 
 A, B = 4242, 4243
 GRACE = 1.0

@@ -105,7 +105,7 @@ def test_no_plaintext_anywhere_in_backing(encrypted_mount):
     for i in range(5):
         with open(f"{m.mountpoint}/d/e/f{i}", "wb") as f:
             f.write(MARKER * (1000 * i + 1))
-    sh(f"sync")
+    sh("sync")
     for rel in backing_files(m):
         assert MARKER not in open(os.path.join(m.backing, rel), "rb").read(), rel
     for name in os.listdir(os.path.join(m.backing, ".encfs")):

@@ -122,35 +122,35 @@ def test_large_writes_reach_encfs_in_big_requests(mnt):
 
 
 def test_shared_backing_sees_other_writers_at_once(kms):
-    """Two mounts of one backing dir with --shared-backing: each sees the other's changes
-    immediately (no attribute, entry or page caching)."""
+    """--shared-backing: changes made directly in the backing dir by another writer (here:
+    renames, deletions, new directories, a file pair replaced by another) show up in the
+    mount at once (no attribute, entry or page caching). A second encfs mount of the same
+    backing dir is refused by the mount lock."""
     workdir = tempfile.mkdtemp(prefix="encfs-shared-", dir="/tmp")
-    other = os.path.join(workdir, "other")
-    os.mkdir(other)
     a = _mount(kms, workdir, "--shared-backing")
     try:
-        b = make_mount(kms, other, extra_args=["--shared-backing"])
-        # make_mount made its own backing dir; point the second mount at the first's.
-        b.unmount()
-        b.backing = a.backing
-        b.mount()
-        try:
-            pa, pb = a.mountpoint, b.mountpoint
-            with open(f"{pa}/f", "wb") as f:
-                f.write(b"version 1")
-            with open(f"{pb}/f", "rb") as f:
-                assert f.read() == b"version 1"
-            with open(f"{pa}/f", "r+b") as f:
-                f.write(b"VERSION 2, longer")
-            assert os.path.getsize(f"{pb}/f") == 17
-            with open(f"{pb}/f", "rb") as f:
-                assert f.read() == b"VERSION 2, longer"
-            os.rename(f"{pa}/f", f"{pa}/g")
-            assert not os.path.exists(f"{pb}/f") and os.path.exists(f"{pb}/g")
-            os.mkdir(f"{pb}/newdir")
-            assert os.path.isdir(f"{pa}/newdir")
-        finally:
-            b.unmount()
+        pa, back = a.mountpoint, a.backing
+        S = ".sfskey"
+        with open(f"{pa}/f", "wb") as f:
+            f.write(b"version 1")
+        with open(f"{pa}/other", "wb") as f:
+            f.write(b"VERSION 2, longer")
+        assert open(f"{pa}/f", "rb").read() == b"version 1"
+        # Another writer replaces f's pair with other's (data + sidecar, as a sync tool would).
+        for suffix in ("", S):
+            shutil.copyfile(f"{back}/other{suffix}", f"{back}/f.tmp{suffix}")
+        os.rename(f"{back}/f.tmp{S}", f"{back}/f{S}")
+        os.rename(f"{back}/f.tmp", f"{back}/f")
+        assert os.path.getsize(f"{pa}/f") == 17
+        assert open(f"{pa}/f", "rb").read() == b"VERSION 2, longer"
+        for suffix in (S, ""):
+            os.rename(f"{back}/f{suffix}", f"{back}/g{suffix}")
+        assert not os.path.exists(f"{pa}/f") and os.path.exists(f"{pa}/g")
+        os.mkdir(f"{back}/newdir")
+        assert os.path.isdir(f"{pa}/newdir")
+        for suffix in ("", S):
+            os.unlink(f"{back}/other{suffix}")
+        assert not os.path.exists(f"{pa}/other")
     finally:
         a.unmount()
         shutil.rmtree(workdir, ignore_errors=True)
