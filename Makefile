@@ -7,7 +7,7 @@ BACKING ?= data
 MOUNTPOINT ?= mnt
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-packages venv test mount umount clean bench bench-quick
+.PHONY: all setup system-packages venv test mount umount clean bench bench-quick bench-deps
 
 all: test
 
@@ -47,3 +47,27 @@ clean:
 	@if mountpoint -q $(MOUNTPOINT) 2>/dev/null; then echo "$(MOUNTPOINT) is mounted: make umount first"; exit 1; fi
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# --- benchmark (bench/bench.py, docs/PERFORMANCE.md) -------------------------------------
+# Plain dir, encfs and gocryptfs side by side in one run; ratios, medians of 3, JSON in
+# bench/results/. gocryptfs is optional (its column is skipped without it); fio is needed.
+BENCH_APT := fio gocryptfs
+BENCH_ARGS ?=
+
+bench-deps: setup
+	@for p in $(BENCH_APT); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" && continue; \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian package $$p (run as root, or: sudo apt-get install $$p)"; \
+	    if [ $$p = fio ]; then exit 1; else continue; fi; fi; \
+	  echo "installing: $$p"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p >/dev/null \
+	    || { echo "could not install $$p"; [ $$p != fio ] || exit 1; }; \
+	done
+
+# Full run: about 11 minutes on 2 cores.
+bench: bench-deps
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# Short run for development (under 3 minutes).
+bench-quick: bench-deps
+	$(PY) bench/bench.py --quick $(BENCH_ARGS)

@@ -57,7 +57,7 @@ class ServerConfig:
     idle_timeout: float = 60.0          # a kept-alive connection without a new request; a stalled reply
     max_connections: int = 1024         # open connections in all
     max_connections_per_peer: int = 256     # per uid (Unix socket) or per IP address (TCP)
-    rate_limit: float = 2000.0          # requests per second per caller (uid, access key); 0 = off
+    rate_limit: float = 20000.0         # requests per second per caller (uid, access key); 0 = off
     passphrase: bytes | None = None     # root key from a passphrase (scrypt) instead of root.key
 
 
