@@ -242,15 +242,22 @@ def read_sidecar_file(side: bytes) -> fmt.KeyRecord:
 
 
 def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
-                  uid: int | None = None, gid: int | None = None) -> None:
-    """Put a new sidecar in place atomically (complete before it becomes visible)."""
+                  uid: int | None = None, gid: int | None = None, mode: int = 0o600,
+                  durable: bool = True) -> None:
+    """Put a new sidecar in place atomically (complete before it becomes visible).
+
+    ``durable=False`` skips the fsync: the mount makes a new file's sidecar durable when
+    the file itself is fsynced (`fsync_sidecar`), as POSIX promises nothing before that.
+    """
     tmp = tmp_path(backing)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.write(fd, fmt.encode_sidecar(rec))
         if uid is not None:
             os.fchown(fd, uid, gid if gid is not None else -1)
-        os.fsync(fd)
+            os.fchmod(fd, mode)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     try:
@@ -258,6 +265,17 @@ def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def fsync_sidecar(data_path: bytes) -> None:
+    try:
+        fd = os.open(sidecar_path(data_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_header(fd: int) -> fmt.Header | None:

@@ -75,11 +75,15 @@ def _open_backing(path: bytes, flags: int, mode: int = 0o600) -> int:
         return os.open(path, flags, mode)
 
 
-def _mirror_mode(data_path: bytes, mode: int) -> None:
+def _sidecar_mode(mode: int) -> int:
     """A sidecar is readable by whoever may read its data file, and writable only by the
     owner: the wrapped DEK it holds is useless without the KMS's permission, and another
     user who serves the files (`encfs mount --user`) needs to read it."""
-    os.chmod(bk.sidecar_path(data_path), stat.S_IMODE(mode) & 0o644, follow_symlinks=False)
+    return stat.S_IMODE(mode) & 0o644
+
+
+def _mirror_mode(data_path: bytes, mode: int) -> None:
+    os.chmod(bk.sidecar_path(data_path), _sidecar_mode(mode), follow_symlinks=False)
 
 
 #: relatime: atime is updated when it is not newer than mtime or ctime, or a day old.
@@ -290,8 +294,9 @@ class EncFS(pyfuse3.Operations):
                 record, dek = await self._new_key(parent)
                 st = os.fstat(fd)
                 bk.write_sidecar(self.backing, path, record,
-                                 *((st.st_uid, st.st_gid) if self.as_root else ()))
-                _mirror_mode(path, st.st_mode)
+                                 *((st.st_uid, st.st_gid) if self.as_root else ()),
+                                 mode=_sidecar_mode(st.st_mode), durable=False)
+                node.dir_dirty = True
             else:
                 if header is not None and header.file_id != record.file_id:
                     log.error("%s (backing %s): sidecar belongs to another file "
@@ -577,8 +582,8 @@ class EncFS(pyfuse3.Operations):
             self._chown_new(path, ctx, fd, mode)
             st = os.fstat(fd)
             bk.write_sidecar(self.backing, path, record,
-                             *((st.st_uid, st.st_gid) if self.as_root else ()))
-            _mirror_mode(path, st.st_mode)
+                             *((st.st_uid, st.st_gid) if self.as_root else ()),
+                             mode=_sidecar_mode(st.st_mode), durable=False)
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -650,6 +655,9 @@ class EncFS(pyfuse3.Operations):
         node = self.nodes[fh]
         (os.fdatasync if datasync else os.fsync)(node.fd)
         if node.dir_dirty:
+            # New or renamed: the sidecar and the directory entries become durable now.
+            if node.links:
+                bk.fsync_sidecar(self._path(node.ino))
             for parent, _ in list(node.links):
                 bk.fsync_dir(self._path(parent))
             node.dir_dirty = False

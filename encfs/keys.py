@@ -22,6 +22,8 @@ from . import format as fmt
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 60.0
+POOL_SIZE = 32  # DEKs prepared ahead per CMK that new files use
+CACHE_MAX = 65536  # cached DEKs (32 bytes each): bounded memory for huge trees
 
 #: KMS error codes that mean "the key is the problem", and the errno a user sees for them.
 KEY_ERRNO = {
@@ -71,6 +73,10 @@ class KeyManager:
         #: the filesystem: it drops the kernel's cached pages of that CMK's files)
         self.open_key_ids: Callable[[], set[str]] = set
         self.on_revoke: Callable[[str], Awaitable[None]] = _nothing
+        #: CMK id -> DEKs prepared ahead for new files (plaintext DEKs in memory: at most
+        #: POOL_SIZE per CMK, dropped when the CMK is revoked)
+        self._pools: dict[str, list[tuple[fmt.KeyRecord, bytes]]] = {}
+        self._pool_low = trio.Event()
 
     @property
     def check_period(self) -> float:
@@ -84,8 +90,24 @@ class KeyManager:
             raise KeyError_(err, f"key {key_id} is revoked")
 
     async def new_file_key(self, key_id: str | None = None) -> tuple[fmt.KeyRecord, bytes]:
-        """A fresh file id and DEK, wrapped by ``key_id`` (default: the mount's CMK)."""
+        """A fresh file id and DEK, wrapped by ``key_id`` (default: the mount's CMK).
+
+        Taken from the pool of DEKs prepared ahead (`fill_pool`) when it has one, so that
+        creating a file does not wait for the KMS; the KMS is asked directly otherwise.
+        """
         key_id = key_id or self.key_id
+        self.check(key_id)
+        pool = self._pools.setdefault(key_id, [])
+        if len(pool) <= POOL_SIZE // 2:
+            self._pool_low.set()
+        if pool:
+            rec, dek = pool.pop()
+        else:
+            rec, dek = await self._create(key_id)
+        self._remember(rec, dek)
+        return rec, dek
+
+    async def _create(self, key_id: str) -> tuple[fmt.KeyRecord, bytes]:
         file_id = os.urandom(fmt.FILE_ID_SIZE)
         try:
             dek, cipher_text = await self.kms.create_datakey(key_id, aad=file_aad(file_id))
@@ -94,8 +116,22 @@ class KeyManager:
         rec = fmt.KeyRecord(file_id=file_id, key_id=key_id,
                             wrapped_dek=bytes.fromhex(cipher_text),
                             created_ns=time.time_ns(), dek_bytes=len(dek))
-        self._remember(rec, dek)
         return rec, dek
+
+    async def fill_pool(self) -> None:
+        """Keep up to POOL_SIZE fresh DEKs ready for each CMK that new files use (run in the
+        mount's nursery). A CMK that fails is left alone until the next request wakes us."""
+        while True:
+            await self._pool_low.wait()
+            self._pool_low = trio.Event()
+            for key_id, pool in list(self._pools.items()):
+                while len(pool) < POOL_SIZE and key_id not in self.revoked:
+                    try:
+                        item = await self._create(key_id)
+                    except KeyError_:
+                        break
+                    if key_id not in self.revoked:  # revoked while we waited: discard
+                        pool.append(item)
 
     async def unwrap(self, rec: fmt.KeyRecord, where: str) -> bytes:
         """The plaintext DEK of a file, from the cache or the KMS."""
@@ -115,13 +151,18 @@ class KeyManager:
     def _remember(self, rec: fmt.KeyRecord, dek: bytes) -> None:
         self._probes[rec.key_id] = rec
         if self.ttl > 0:
+            self._cache.pop(rec.file_id, None)  # re-insert: the dict stays in expiry order
             self._cache[rec.file_id] = (dek, time.monotonic() + self.ttl, rec.key_id)
-        if len(self._cache) > 4096:
-            self.expire()
+            if len(self._cache) > CACHE_MAX:
+                del self._cache[next(iter(self._cache))]  # the oldest; no scan
 
     def expire(self) -> None:
+        """Drop expired DEKs: entries are in expiry order, so stop at the first live one."""
         now = time.monotonic()
-        for fid in [f for f, (_, t, _) in self._cache.items() if t <= now]:
+        while self._cache:
+            fid = next(iter(self._cache))
+            if self._cache[fid][1] > now:
+                return
             del self._cache[fid]
 
     def forget(self, file_id: bytes) -> None:
@@ -138,6 +179,7 @@ class KeyManager:
 
     async def recheck(self) -> None:
         in_use = (self.open_key_ids() | {k for _, _, k in self._cache.values()}
+                  | {k for k, pool in self._pools.items() if pool}
                   | set(self.revoked))
         for key_id in in_use:
             probe = self._probes.get(key_id)
@@ -168,6 +210,7 @@ class KeyManager:
     def _drop_key(self, key_id: str) -> None:
         for fid in [f for f, (_, _, k) in self._cache.items() if k == key_id]:
             del self._cache[fid]
+        self._pools.get(key_id, []).clear()
 
     def _failure(self, what: str, key_id: str, e: KmsError) -> KeyError_:
         if isinstance(e, KmsUnavailable):

@@ -173,6 +173,7 @@ async def _serve(ops: EncFS, target: "KmsTarget", key_id: str, ttl: float) -> No
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(ops.keys.watch)
+            nursery.start_soon(ops.keys.fill_pool)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from encfs.keys import POOL_SIZE
 from encfs.pytest_plugin import _short_tempdir, make_mount
 
 
@@ -79,8 +80,12 @@ def test_kms_unreachable_then_back(encrypted_mount):
         with pytest.raises(OSError) as e:
             open(f"{m.mountpoint}/closed", "rb").read()
         assert e.value.errno == errno.EIO
+        # New files take DEKs prepared ahead while the pool lasts, then fail with EIO.
+        made = []
         with pytest.raises(OSError) as e:
-            open(f"{m.mountpoint}/new-file", "wb").write(b"x")
+            for i in range(POOL_SIZE + 5):
+                open(f"{m.mountpoint}/new-{i}", "wb").write(b"x")
+                made.append(i)
         assert e.value.errno == errno.EIO
         assert time.monotonic() - t0 < 30  # a bounded wait, never a hang
         held.seek(0)
@@ -92,6 +97,8 @@ def test_kms_unreachable_then_back(encrypted_mount):
         m.kms.start()
     assert open(f"{m.mountpoint}/closed", "rb").read() == b"B" * 10000
     open(f"{m.mountpoint}/new-file", "wb").write(b"x")
+    for i in made:  # made from pooled DEKs while the KMS was away: fine
+        assert open(f"{m.mountpoint}/new-{i}", "rb").read() == b"x"
     held.close()
     assert open(f"{m.mountpoint}/open-before", "rb").read() == b"A" * 10000 + b"more"
 
