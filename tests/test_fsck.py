@@ -12,6 +12,7 @@ import pytest
 from encfs import format as fmt
 
 S = fmt.SIDECAR_SUFFIX
+BS = fmt.DEFAULT_BLOCK_SIZE
 
 
 def encfs(m, *args, check_rc=None) -> subprocess.CompletedProcess:
@@ -33,7 +34,7 @@ def fsck_json(m, *args, rc=None) -> dict:
 def populated(encrypted_mount):
     m = encrypted_mount
     os.makedirs(f"{m.mountpoint}/dir")
-    contents = {"a": os.urandom(10000), "b": os.urandom(5000), "dir/c": os.urandom(70000),
+    contents = {"a": os.urandom(10000), "b": os.urandom(BS + 5000), "dir/c": os.urandom(5 * BS),
                 "empty": b""}
     for name, data in contents.items():
         with open(f"{m.mountpoint}/{name}", "wb") as f:
@@ -81,7 +82,7 @@ def test_fsck_moves_unrepairable_to_lost_found_and_keeps_bytes(populated):
     m, contents = populated
     b = m.backing
     raw = bytearray(open(f"{b}/dir/c", "rb").read())
-    raw[fmt.block_offset(3, 4096) + 100] ^= 1
+    raw[fmt.block_offset(3, BS) + 100] ^= 1
     open(f"{b}/dir/c", "wb").write(raw)
     open(f"{b}/.encfs/tmp/t-leftover", "wb").write(b"partial")
     with open(f"{b}/orphan{S}", "wb") as f:
@@ -108,15 +109,15 @@ def test_fsck_cuts_a_torn_block_and_saves_the_original(populated):
     m, contents = populated
     path = f"{m.backing}/b"
     original = open(path, "rb").read()
-    torn = fmt.block_offset(1, 4096) + 10  # the second block's write stopped after 10 bytes
+    torn = fmt.block_offset(1, BS) + 10  # the second block's write stopped after 10 bytes
     os.truncate(path, torn)
     report = fsck_json(m, "--repair", rc=1)
     assert kinds(report) == [("torn-block", "b")]
     assert open(f"{m.backing}/lost+found/b.torn", "rb").read() == original[:torn]
-    assert open(path, "rb").read() == original[:fmt.block_offset(1, 4096)]
+    assert open(path, "rb").read() == original[:fmt.block_offset(1, BS)]
     assert fsck_json(m, rc=0)["problems"] == []
     m.mount()
-    assert open(f"{m.mountpoint}/b", "rb").read() == contents["b"][:4096]
+    assert open(f"{m.mountpoint}/b", "rb").read() == contents["b"][:BS]
 
 
 def test_fsck_reports_unusable_key(populated):
@@ -147,10 +148,10 @@ def test_inspect_and_decrypt(populated):
     rec = fmt.decode_sidecar(open(f"{m.backing}/dir/c{S}", "rb").read())
     assert info["cmk_id"] == m.key_id and info["cmk_alias"] == "sfs/default"
     assert info["file_id"] == rec.file_id.hex() and info["key_version"] is not None
-    assert info["plaintext_size"] == 70000 and info["format_version"] == 1
+    assert info["plaintext_size"] == 5 * BS and info["format_version"] == 1
     dek = m.kms.client.decrypt_datakey(rec.key_id, rec.cipher_text, aad=rec.file_id.hex())
     text = encfs(m, "inspect", f"{m.backing}/dir/c", check_rc=0).stdout
-    assert dek.hex().encode() not in text.lower() and b"70000" in text
+    assert dek.hex().encode() not in text.lower() and str(5 * BS).encode() in text
     out = encfs(m, "decrypt", f"{m.backing}/dir/c", check_rc=0).stdout
     assert out == contents["dir/c"]
     # Through the mount path too.

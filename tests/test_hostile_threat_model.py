@@ -21,7 +21,7 @@ from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
 pytestmark = pytest.mark.fuse
 
 S = fmt.SIDECAR_SUFFIX
-BS = 4096
+BS = fmt.DEFAULT_BLOCK_SIZE
 CBS = BS + fmt.BLOCK_OVERHEAD
 
 

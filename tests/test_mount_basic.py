@@ -13,6 +13,7 @@ import pytest
 from encfs import format as fmt
 
 SUFFIX = fmt.SIDECAR_SUFFIX
+BS = fmt.DEFAULT_BLOCK_SIZE  # new backing dirs get the default block size
 MARKER = b"PLAINTEXT-MARKER-7f3a9c"
 
 
@@ -40,7 +41,7 @@ def test_echo_cat_and_backing_holds_ciphertext_and_sidecar(encrypted_mount):
     assert backing_files(m) == ["a", "a" + SUFFIX]
     raw = open(m.backing_path("a"), "rb").read()
     assert raw.startswith(fmt.DATA_MAGIC) and b"hi" not in raw[fmt.HEADER_SIZE:]
-    assert len(raw) == fmt.cipher_size(3, 4096)
+    assert len(raw) == fmt.cipher_size(3, BS)
     rec = sidecar(m, "a")
     assert rec.key_id == m.key_id
     assert fmt.decode_header(raw).file_id == rec.file_id
@@ -286,19 +287,19 @@ def test_fsync_and_open_unlink_keeps_working(encrypted_mount):
 def test_tampered_block_gives_eio_and_log_line(encrypted_mount):
     m = encrypted_mount
     path = f"{m.mountpoint}/victim"
-    data = os.urandom(3 * 4096)
+    data = os.urandom(3 * BS)
     open(path, "wb").write(data)
     m.remount()  # drop the kernel's page cache of the file
     raw = bytearray(open(m.backing_path("victim"), "rb").read())
-    raw[fmt.block_offset(1, 4096) + 40] ^= 0xFF
+    raw[fmt.block_offset(1, BS) + 40] ^= 0xFF
     open(m.backing_path("victim"), "r+b").write(raw)
     with open(path, "rb", buffering=0) as f:
-        assert f.read(4096) == data[:4096]
-        f.seek(2 * 4096)
-        assert f.read(4096) == data[2 * 4096:]
-        f.seek(4096)
+        assert f.read(BS) == data[:BS]
+        f.seek(2 * BS)
+        assert f.read(BS) == data[2 * BS:]
+        f.seek(BS)
         with pytest.raises(OSError) as e:
-            f.read(4096)
+            f.read(BS)
         assert e.value.errno == errno.EIO
     log = m.log()
     assert "victim" in log and "block 1" in log and m.backing_path("victim") in log
@@ -318,3 +319,30 @@ def test_sha256_of_many_files_through_tar(encrypted_mount, tmp_path):
         a = hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()
         b = hashlib.sha256(open(f"{m.mountpoint}/{rel}", "rb").read()).hexdigest()
         assert a == b
+
+
+def test_backing_dir_made_with_4k_blocks_keeps_them(kms_server):
+    """The block size is fixed per backing dir: one made under the old 4 KiB default stays
+    readable and writable with 4 KiB blocks after the default changed."""
+    import json
+    import shutil
+
+    from encfs.pytest_plugin import _short_tempdir, make_mount
+
+    work = _short_tempdir("encfs-")
+    os.makedirs(f"{work}/backing/.encfs")
+    with open(f"{work}/backing/.encfs/config.json", "w") as f:
+        json.dump({"format_version": 1, "block_size": 4096}, f)
+    m = make_mount(kms_server, work)
+    try:
+        data = os.urandom(3 * 4096 + 5)
+        open(f"{m.mountpoint}/old", "wb").write(data)
+        m.remount()
+        assert open(f"{m.mountpoint}/old", "rb").read() == data
+        assert os.path.getsize(f"{m.mountpoint}/old") == len(data)
+        raw = open(m.backing_path("old"), "rb").read()
+        assert fmt.decode_header(raw).block_size == 4096
+        assert len(raw) == fmt.cipher_size(len(data), 4096)
+    finally:
+        m.unmount()
+        shutil.rmtree(work, ignore_errors=True)

@@ -19,6 +19,7 @@ from encfs.keys import KeyManager
 from kms.client import AsyncKmsClient
 
 CTX = pyfuse3.RequestContext()
+BS = fmt.DEFAULT_BLOCK_SIZE
 
 
 @pytest.fixture
@@ -140,17 +141,17 @@ def test_statfs_name_limit(run_ops):
 
 def test_tampered_block_is_eio(run_ops, caplog):
     async def body(ops, backing):
-        fh = await create(ops, b"t", os.urandom(3 * 4096))
+        fh = await create(ops, b"t", os.urandom(3 * BS))
         await ops.release(fh)
         path = os.path.join(backing, b"t")
         raw = bytearray(open(path, "rb").read())
-        raw[fmt.block_offset(1, 4096) + 30] ^= 1
+        raw[fmt.block_offset(1, BS) + 30] ^= 1
         open(path, "wb").write(raw)
         attr = await ops.lookup(ROOT, b"t", CTX)
         fi = await ops.open(attr.st_ino, os.O_RDONLY, CTX)
-        assert len(await ops.read(fi.fh, 0, 4096)) == 4096
+        assert len(await ops.read(fi.fh, 0, BS)) == BS
         with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.read(fi.fh, 4096, 4096)
+            await ops.read(fi.fh, BS, BS)
         assert e.value.errno == errno.EIO
         await ops.release(fi.fh)
     run_ops(body)

@@ -234,7 +234,7 @@ def test_file_over_4gib_is_sparse(d, mnt):
         assert f.read(4) == bytes(4)
     backing = os.path.join(mnt.backing, os.path.basename(d), "big")
     st = os.stat(backing)
-    assert st.st_size == fmt.cipher_size(off + 4000, 4096)
+    assert st.st_size == fmt.cipher_size(off + 4000, fmt.DEFAULT_BLOCK_SIZE)
     assert st.st_blocks * 512 < 1024 * 1024
     os.truncate(p, 4 * 1024 ** 3 + 1)
     assert os.path.getsize(p) == 4 * 1024 ** 3 + 1
@@ -342,10 +342,10 @@ def test_fsync_fdatasync_fsyncdir_flush(d, mnt):
         os.fsync(fd)
         # After fsync the ciphertext is in the backing file, before any close.
         backing = os.path.join(mnt.backing, os.path.basename(d), "durable")
-        assert os.path.getsize(backing) == fmt.cipher_size(10000, 4096)
+        assert os.path.getsize(backing) == fmt.cipher_size(10000, fmt.DEFAULT_BLOCK_SIZE)
         os.write(fd, b"y")
         os.fdatasync(fd)
-        assert os.path.getsize(backing) == fmt.cipher_size(10001, 4096)
+        assert os.path.getsize(backing) == fmt.cipher_size(10001, fmt.DEFAULT_BLOCK_SIZE)
         fd2 = os.dup(fd)
         os.close(fd2)  # a flush without release
         os.write(fd, b"w")

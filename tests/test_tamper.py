@@ -11,7 +11,7 @@ import pytest
 
 from encfs import format as fmt
 
-BS = 4096
+BS = fmt.DEFAULT_BLOCK_SIZE
 CBS = BS + fmt.BLOCK_OVERHEAD
 S = fmt.SIDECAR_SUFFIX
 
