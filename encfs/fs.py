@@ -146,6 +146,7 @@ class EncFS(pyfuse3.Operations):
         self.dir_handles: dict[int, tuple[int, list[bytes]]] = {}
         self._next_dh = 1
         self.as_root = os.geteuid() == 0
+        self.euid, self.egid = os.geteuid(), os.getegid()
 
     # --- paths and nodes ----------------------------------------------------------------
 
@@ -249,8 +250,8 @@ class EncFS(pyfuse3.Operations):
         stays, as on ext4. chown clears set-uid/set-gid bits, so a requested mode with them
         is put back (the kernel already decided the caller may have them).
         """
-        if not self.as_root:
-            return
+        if not self.as_root or (ctx.uid == self.euid and ctx.gid == self.egid):
+            return  # created by us for ourselves: already right, save two syscalls
         gid = -1 if os.lstat(os.path.dirname(path)).st_mode & stat.S_ISGID else ctx.gid
         if fd is not None:
             os.fchown(fd, ctx.uid, gid)
@@ -509,7 +510,17 @@ class EncFS(pyfuse3.Operations):
             st = os.lstat(self._path(parent_inode))
             return self._attr(st, parent_inode)
         path = self._child(parent_inode, name)
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not self.timeout:
+                raise
+            # A negative entry the kernel may cache like a positive one: build tools and
+            # git look up the same missing names again and again.
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = self.timeout
+            return e
         node = self._remember(st, parent_inode, name)
         return self._attr(st, node.ino)
 
@@ -581,8 +592,9 @@ class EncFS(pyfuse3.Operations):
         try:
             self._chown_new(path, ctx, fd, mode)
             st = os.fstat(fd)
+            owner = (st.st_uid, st.st_gid)
             bk.write_sidecar(self.backing, path, record,
-                             *((st.st_uid, st.st_gid) if self.as_root else ()),
+                             *(owner if owner != (self.euid, self.egid) else ()),
                              mode=_sidecar_mode(st.st_mode), durable=False)
         except BaseException:
             os.close(fd)

@@ -150,6 +150,7 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
             # KMS request carries the user's uid (SO_PEERCRED).
             serve_as(args.user, backing)
             ops.as_root = False
+            ops.euid, ops.egid = os.geteuid(), os.getegid()
             key_id = _check_key(kms, args.key)
         log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
         trio.run(_serve, ops, kms, key_id, args.key_cache_ttl)

@@ -157,15 +157,17 @@ def test_shared_backing_sees_other_writers_at_once(kms):
 
 
 def test_default_caching_timeouts(kms):
-    """Default mounts cache attributes and entries for 1 s: a change made in the backing
-    dir behind encfs's back shows within about a second; new names show at once (no
-    negative caching)."""
+    """Default mounts cache attributes and entries, missing names included, for 1 s: a
+    change made in the backing dir behind encfs's back shows within about a second."""
     workdir = tempfile.mkdtemp(prefix="encfs-cache-", dir="/tmp")
     m = _mount(kms, workdir)
     try:
         assert not os.path.exists(f"{m.mountpoint}/later")
-        os.mkdir(os.path.join(m.backing, "later"))
-        assert os.path.isdir(f"{m.mountpoint}/later")
+        os.mkdir(os.path.join(m.backing, "later"))  # behind our back
+        deadline = time.monotonic() + 3
+        while not os.path.isdir(f"{m.mountpoint}/later"):
+            assert time.monotonic() < deadline, "negative entry outlived its timeout"
+            time.sleep(0.1)
         os.chmod(f"{m.mountpoint}/later", 0o700)
         os.chmod(os.path.join(m.backing, "later"), 0o755)  # behind our back
         deadline = time.monotonic() + 3
