@@ -243,12 +243,34 @@ def read_sidecar_file(side: bytes) -> fmt.KeyRecord:
 
 def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
                   uid: int | None = None, gid: int | None = None, mode: int = 0o600,
-                  durable: bool = True) -> None:
+                  durable: bool = True, beside_new_file: bool = False) -> None:
     """Put a new sidecar in place atomically (complete before it becomes visible).
 
     ``durable=False`` skips the fsync: the mount makes a new file's sidecar durable when
     the file itself is fsynced (`fsync_sidecar`), as POSIX promises nothing before that.
+
+    ``beside_new_file``: the data file was just created empty, so the sidecar is written
+    straight under its name (one file creation, no rename); a crash in the middle leaves
+    a torn sidecar beside an empty file, which the mount replaces with a new key. An
+    existing (orphan) sidecar there falls back to the atomic temp + rename.
     """
+    if beside_new_file:
+        try:
+            fd = os.open(sidecar_path(data_path),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.write(fd, fmt.encode_sidecar(rec))
+                if uid is not None:
+                    os.fchown(fd, uid, gid if gid is not None else -1)
+                    os.fchmod(fd, mode)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
     tmp = tmp_path(backing)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:

@@ -281,9 +281,15 @@ class EncFS(pyfuse3.Operations):
             except FileNotFoundError:
                 record = None
             except (fmt.FormatError, OSError) as e:
-                log.error("%s (backing %s): unreadable sidecar: %s",
-                          self._display(path), bk.printable(path), e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+                if header is None and os.fstat(fd).st_size == 0:
+                    # Torn while both were being created: the empty file gets a new key.
+                    log.warning("%s (backing %s): replacing the damaged sidecar of an "
+                                "empty file: %s", self._display(path), bk.printable(path), e)
+                    record = None
+                else:
+                    log.error("%s (backing %s): unreadable sidecar: %s",
+                              self._display(path), bk.printable(path), e)
+                    raise pyfuse3.FUSEError(errno.EIO) from None
             if record is None:
                 if header is not None or os.fstat(fd).st_size > 0:
                     log.error("%s (backing %s): data file has no sidecar %s",
@@ -595,7 +601,8 @@ class EncFS(pyfuse3.Operations):
             owner = (st.st_uid, st.st_gid)
             bk.write_sidecar(self.backing, path, record,
                              *(owner if owner != (self.euid, self.egid) else ()),
-                             mode=_sidecar_mode(st.st_mode), durable=False)
+                             mode=_sidecar_mode(st.st_mode), durable=False,
+                             beside_new_file=True)
         except BaseException:
             os.close(fd)
             os.unlink(path)

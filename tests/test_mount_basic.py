@@ -346,3 +346,20 @@ def test_backing_dir_made_with_4k_blocks_keeps_them(kms_server):
     finally:
         m.unmount()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_torn_sidecar_beside_an_empty_file_gets_a_new_key(encrypted_mount):
+    """A crash while a new file's sidecar was being written leaves a torn sidecar beside an
+    empty data file: the file is usable, with a new key."""
+    m = encrypted_mount
+    open(f"{m.mountpoint}/fresh", "wb").close()
+    m.unmount()
+    with open(m.backing_path("fresh") + SUFFIX, "r+b") as f:
+        f.truncate(100)
+    m.mount()
+    with open(f"{m.mountpoint}/fresh", "wb") as f:
+        f.write(b"works")
+    assert open(f"{m.mountpoint}/fresh", "rb").read() == b"works"
+    assert sidecar(m, "fresh").file_id == fmt.decode_header(
+        open(m.backing_path("fresh"), "rb").read()).file_id
+    assert "replacing the damaged sidecar of an empty file" in m.log()
