@@ -38,6 +38,7 @@ from .renameat2 import renameat2
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+CAPABILITY_XATTR = b"security.capability"
 
 
 class Node:
@@ -48,7 +49,7 @@ class Node:
     """
 
     __slots__ = ("ino", "links", "lookups", "opens", "fd", "cipher", "xattr", "record",
-                 "key_lock", "block_size", "dir_dirty")
+                 "key_lock", "block_size", "dir_dirty", "no_caps")
 
     def __init__(self, ino: int):
         self.ino = ino
@@ -62,6 +63,7 @@ class Node:
         self.key_lock = trio.Lock()
         self.block_size: int | None = None
         self.dir_dirty = False  # a directory entry of this file is not yet fsynced
+        self.no_caps = False  # the backing file has no security.capability xattr
 
 
 def _open_backing(path: bytes, flags: int, mode: int = 0o600) -> int:
@@ -444,8 +446,9 @@ class EncFS(pyfuse3.Operations):
         head += bytes(off - start - len(head))
         tail = self._read_plain(node, end, stop) if stop > end and end < old else b""
         tail += bytes(stop - end - len(tail))
-        main = ("pwrite", fmt.block_offset(first, bs),
-                node.cipher.encrypt(first, b"".join((head, data, tail))))
+        # (Large sequential writes have neither: encrypt straight from the request buffer.)
+        plain = b"".join((head, data, tail)) if head or tail else data
+        main = ("pwrite", fmt.block_offset(first, bs), node.cipher.encrypt(first, plain))
         # A header written before the first block leaves an empty file if we stop in
         # between: the old state. Padding the old tail block changes the size: journaled.
         self._apply(node, self._header_step(node, csize) + pad + [main], journal=bool(pad))
@@ -997,8 +1000,17 @@ class EncFS(pyfuse3.Operations):
             return str(self.max_write_seen).encode()
         kind = self._check_xattr_name(name, setting=False)
         # Absent attributes (the common case: the kernel asks for security.capability
-        # before every write) are answered without touching the key.
-        blob = self._xattr_call(inode, os.getxattr, name)
+        # before every write) are answered without touching the key; for that one name
+        # the answer is remembered per inode until we set it ourselves.
+        node = self.nodes.get(inode)
+        if name == CAPABILITY_XATTR and node is not None and node.no_caps:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        try:
+            blob = self._xattr_call(inode, os.getxattr, name)
+        except OSError as e:
+            if e.errno == errno.ENODATA and name == CAPABILITY_XATTR and node is not None:
+                node.no_caps = True
+            raise
         if kind is xa.Kind.PLAIN:
             return blob
         if not stat.S_ISREG(self._stat(inode).st_mode):
@@ -1024,6 +1036,8 @@ class EncFS(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
         if name == self.DIR_KEY_XATTR:
             return await self._set_dir_key(inode, value, ctx)
+        if name == CAPABILITY_XATTR and inode in self.nodes:
+            self.nodes[inode].no_caps = False
         kind = self._check_xattr_name(name, setting=True)
         if kind is xa.Kind.ENCRYPTED:
             if not stat.S_ISREG(self._stat(inode).st_mode):
