@@ -8,6 +8,7 @@ the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -200,6 +201,28 @@ def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
                        extra_args=list(extra_args or []))
     m.mount()
     return m
+
+
+@contextlib.contextmanager
+def mount_with_own_kms(prefix: str = "encfs-", extra_args: list[str] | None = None,
+                       shared: bool = False) -> Iterator[EncryptedMount]:
+    """A KMS and a mount of their own in a fresh temp dir, all gone on exit; for
+    module-scoped fixtures. ``shared``: the temp dir is reachable by other uids (for
+    ``-o allow_other`` tests)."""
+    workdir = _short_tempdir(prefix)
+    if shared:
+        os.chmod(workdir, 0o755)
+    os.mkdir(os.path.join(workdir, "kms"), 0o700)
+    kms = start_kms_server(os.path.join(workdir, "kms"))
+    try:
+        m = make_mount(kms, workdir, extra_args=extra_args)
+        try:
+            yield m
+        finally:
+            m.unmount()
+    finally:
+        kms.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

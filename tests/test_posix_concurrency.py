@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import textwrap
 
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import make_mount, start_kms_server
+from encfs.pytest_plugin import mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 PY = "/usr/bin/python3"  # the system interpreter: other uids cannot reach our venv's
@@ -25,22 +24,11 @@ UIDS = (65534, 4242)
 
 @pytest.fixture(scope="module", params=["default", "shared-backing"])
 def mnt(request):
-    workdir = tempfile.mkdtemp(prefix="encfs-conc-", dir="/tmp")
-    os.chmod(workdir, 0o755)
-    os.mkdir(os.path.join(workdir, "kms"), 0o700)
-    kms = start_kms_server(os.path.join(workdir, "kms"))
     extra = ["-o", "allow_other"]
     if request.param == "shared-backing":
         extra.append("--shared-backing")
-    try:
-        m = make_mount(kms, workdir, extra_args=extra)
-        try:
-            yield m
-        finally:
-            m.unmount()
-    finally:
-        kms.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with mount_with_own_kms("encfs-conc-", extra, shared=True) as m:
+        yield m
 
 
 @pytest.fixture

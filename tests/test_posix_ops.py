@@ -23,7 +23,7 @@ from typing import Callable
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import make_mount, start_kms_server
+from encfs.pytest_plugin import mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 
@@ -35,19 +35,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 @pytest.fixture(scope="module")
 def mnt():
-    workdir = tempfile.mkdtemp(prefix="encfs-posix-", dir="/tmp")
-    os.chmod(workdir, 0o755)  # other uids must reach the mountpoint
-    os.mkdir(os.path.join(workdir, "kms"), 0o700)
-    kms = start_kms_server(os.path.join(workdir, "kms"))
-    try:
-        m = make_mount(kms, workdir, extra_args=["-o", "allow_other"])
-        try:
-            yield m
-        finally:
-            m.unmount()
-    finally:
-        kms.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with mount_with_own_kms("encfs-posix-", ["-o", "allow_other"], shared=True) as m:
+        yield m
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encfs import format as fmt
-from encfs.pytest_plugin import make_mount, start_kms_server
+from encfs.pytest_plugin import mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 SUFFIX = fmt.SIDECAR_SUFFIX
@@ -27,19 +27,8 @@ SUFFIX = fmt.SIDECAR_SUFFIX
 
 @pytest.fixture(scope="module")
 def mnt():
-    workdir = tempfile.mkdtemp(prefix="encfs-xattr-", dir="/tmp")
-    os.chmod(workdir, 0o755)
-    os.mkdir(os.path.join(workdir, "kms"), 0o700)
-    kms = start_kms_server(os.path.join(workdir, "kms"))
-    try:
-        m = make_mount(kms, workdir, extra_args=["-o", "allow_other"])
-        try:
-            yield m
-        finally:
-            m.unmount()
-    finally:
-        kms.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with mount_with_own_kms("encfs-xattr-", ["-o", "allow_other"], shared=True) as m:
+        yield m
 
 
 @pytest.fixture

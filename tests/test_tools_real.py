@@ -20,7 +20,7 @@ import tempfile
 
 import pytest
 
-from encfs.pytest_plugin import make_mount, start_kms_server
+from encfs.pytest_plugin import mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 GIT_FILES = 2500
@@ -31,18 +31,8 @@ GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.
 
 @pytest.fixture(scope="module")
 def mnt():
-    workdir = tempfile.mkdtemp(prefix="encfs-tools-", dir="/tmp")
-    os.mkdir(os.path.join(workdir, "kms"), 0o700)
-    kms = start_kms_server(os.path.join(workdir, "kms"))
-    try:
-        m = make_mount(kms, workdir)
-        try:
-            yield m
-        finally:
-            m.unmount()
-    finally:
-        kms.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with mount_with_own_kms("encfs-tools-") as m:
+        yield m
 
 
 @pytest.fixture
