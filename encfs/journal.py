@@ -30,6 +30,7 @@ from . import renameat2 as _r2
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "journal"
+UNDO_NAME = b"inflight-write.json"
 RENAME_EXCHANGE = 2
 #: The largest intent replay reads. An intent holds at most one write request (1 MiB) and
 #: one re-padded block (up to 1 MiB), hex encoded; anything far larger was not written by us.
@@ -52,6 +53,7 @@ class Journal:
         self.root = os.path.dirname(control_dir.rstrip(b"/"))
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._seq = 0
+        self._undo_fd: int | None = None
         try:
             # Never follow a planted symlink: intents must stay in the backing dir.
             self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -63,6 +65,8 @@ class Journal:
             raise
 
     def close(self) -> None:
+        if self._undo_fd is not None:
+            os.close(self._undo_fd)
         os.close(self._dir_fd)
 
     def _write(self, record: dict[str, Any]) -> Intent:
@@ -83,6 +87,29 @@ class Journal:
 
     def done(self, intent: Intent) -> None:
         os.unlink(intent.path)
+
+    # --- the undo record of the write in progress -----------------------------------------
+
+    def undo_before_write(self, path: bytes, ino: int, steps: list[tuple]) -> None:
+        """Record how to undo the single `pwrite` that follows: a SIGKILL can cut a write
+        of several pages short (the kernel checks for fatal signals between pages), which
+        would leave a torn block. Replaying the record restores the old ciphertext and
+        size: the file is in its old state. One file reused for every write (created once,
+        rewritten in place), because creating a file per write costs more than the write.
+        """
+        data = json.dumps({
+            "op": "steps", "path": os.fsdecode(path), "ino": ino,
+            "steps": [[s[0], s[1], s[2].hex()] if s[0] == "pwrite" else list(s)
+                      for s in steps]}).encode()
+        if self._undo_fd is None:
+            self._undo_fd = os.open(UNDO_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+        os.ftruncate(self._undo_fd, 0)
+        os.pwrite(self._undo_fd, data, 0)
+
+    def write_done(self) -> None:
+        """The write finished: its undo record must never be replayed."""
+        os.ftruncate(self._undo_fd, 0)
 
     # --- recording ----------------------------------------------------------------------
 
@@ -106,7 +133,16 @@ class Journal:
     # --- replay -------------------------------------------------------------------------
 
     def pending(self) -> list[bytes]:
-        return sorted(os.path.join(self.dir, n) for n in os.listdir(self.dir))
+        """Intent files, and the undo record if it holds one (it is empty between writes)."""
+        names = os.listdir(self.dir)
+        if UNDO_NAME in names:
+            try:
+                st = os.lstat(os.path.join(self.dir, UNDO_NAME))
+                if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    names.remove(UNDO_NAME)
+            except FileNotFoundError:
+                names.remove(UNDO_NAME)
+        return sorted(os.path.join(self.dir, n) for n in names)
 
     def replay(self) -> list[str]:
         """Finish every pending intent; returns one line per intent saying what was done.

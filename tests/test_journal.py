@@ -101,3 +101,37 @@ def test_damaged_intent_is_reported_not_fatal(tree):
     put(os.path.join(j.dir, b"9-9.json"), b"{not json")
     [line] = j.replay()
     assert "damaged" in line and j.pending() == []
+
+
+@pytest.mark.parametrize("crash_after", ["record", "torn-write", "write"])
+def test_undo_record_restores_the_old_state_of_an_interrupted_write(tree, crash_after):
+    root, j = tree
+    f = os.path.join(root, b"f")
+    put(f, b"o" * 10000)
+    old = read(f)
+    # Overwrite 3000 bytes at 8000, growing the file to 11000: the undo record holds the
+    # old bytes of the range and the old size.
+    j.undo_before_write(f, os.lstat(f).st_ino, [("pwrite", 8000, old[8000:]),
+                                                ("truncate", 10000)])
+    if crash_after == "torn-write":
+        with open(f, "r+b") as fh:
+            fh.seek(8000)
+            fh.write(b"N" * 1000)  # the kill cut the pwrite after its first page
+    elif crash_after == "write":
+        with open(f, "r+b") as fh:
+            fh.seek(8000)
+            fh.write(b"N" * 3000)  # complete, but write_done() never ran
+    assert len(j.pending()) == 1
+    j.replay()
+    assert read(f) == old
+
+
+def test_finished_write_leaves_nothing_to_undo(tree):
+    root, j = tree
+    f = os.path.join(root, b"f")
+    put(f, b"o" * 100)
+    j.undo_before_write(f, os.lstat(f).st_ino, [("truncate", 100)])
+    put(f, b"new content")
+    j.write_done()
+    assert j.pending() == []
+    assert j.replay() == [] and read(f) == b"new content"
