@@ -456,19 +456,13 @@ class EncFS(pyfuse3.Operations):
         # One pwrite of whole blocks (and maybe the header before it, whose interruption
         # leaves an empty file, its old state). A kill can still cut that pwrite between
         # pages: an undo record restores the old ciphertext and size at the next mount.
-        undo = node.links and self._undo_steps(node, csize, main)
-        if undo:
-            self.journal.undo_before_write(self._path(node.ino), os.fstat(node.fd).st_ino,
-                                           undo)
+        if node.links:
+            off, end = main[1], min(main[1] + len(main[2]), csize)
+            old = os.pread(node.fd, end - off, off) if end > off else b""
+            self.journal.undo_before_write(self._path(node.ino), node.ino, off, old, csize)
         self._apply(node, steps, journal=False)
-        if undo:
+        if node.links:
             self.journal.write_done()
-
-    def _undo_steps(self, node: Node, csize: int, main: tuple) -> list[tuple]:
-        """Steps that put back what ``main`` (a pwrite) overwrites, and the old size."""
-        off, end = main[1], min(main[1] + len(main[2]), csize)
-        old = os.pread(node.fd, end - off, off) if end > off else b""
-        return ([("pwrite", off, old)] if old else []) + [("truncate", csize)]
 
     def _truncate(self, node: Node, new: int) -> None:
         bs = node.block_size

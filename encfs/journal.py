@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import stat
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,10 @@ from . import renameat2 as _r2
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "journal"
-UNDO_NAME = b"inflight-write.json"
+UNDO_NAME = b"inflight-write"
+UNDO_MAGIC = b"ENCFUNDO"
+#: inode u64 | offset u64 | old size u64 | path length u32 | old data length u32
+UNDO_BODY = struct.Struct(">QQQII")
 RENAME_EXCHANGE = 2
 #: The largest intent replay reads. An intent holds at most one write request (1 MiB) and
 #: one re-padded block (up to 1 MiB), hex encoded; anything far larger was not written by us.
@@ -90,26 +95,24 @@ class Journal:
 
     # --- the undo record of the write in progress -----------------------------------------
 
-    def undo_before_write(self, path: bytes, ino: int, steps: list[tuple]) -> None:
+    def undo_before_write(self, path: bytes, ino: int, offset: int, old: bytes,
+                          old_size: int) -> None:
         """Record how to undo the single `pwrite` that follows: a SIGKILL can cut a write
         of several pages short (the kernel checks for fatal signals between pages), which
-        would leave a torn block. Replaying the record restores the old ciphertext and
-        size: the file is in its old state. One file reused for every write (created once,
-        rewritten in place), because creating a file per write costs more than the write.
+        would leave a torn block. Replaying the record puts back ``old`` at ``offset`` and
+        the size ``old_size``: the file is in its old state. One file, rewritten in place
+        for every write (binary, one pwrite; `write_done` clears its magic), because
+        creating a file per write would cost more than the write.
         """
-        data = json.dumps({
-            "op": "steps", "path": os.fsdecode(path), "ino": ino,
-            "steps": [[s[0], s[1], s[2].hex()] if s[0] == "pwrite" else list(s)
-                      for s in steps]}).encode()
+        body = UNDO_BODY.pack(ino, offset, old_size, len(path), len(old)) + path + old
         if self._undo_fd is None:
             self._undo_fd = os.open(UNDO_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
                                     | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
-        os.ftruncate(self._undo_fd, 0)
-        os.pwrite(self._undo_fd, data, 0)
+        os.pwrite(self._undo_fd, UNDO_MAGIC + struct.pack(">I", zlib.crc32(body)) + body, 0)
 
     def write_done(self) -> None:
         """The write finished: its undo record must never be replayed."""
-        os.ftruncate(self._undo_fd, 0)
+        os.pwrite(self._undo_fd, bytes(len(UNDO_MAGIC)), 0)
 
     # --- recording ----------------------------------------------------------------------
 
@@ -137,11 +140,10 @@ class Journal:
         names = os.listdir(self.dir)
         if UNDO_NAME in names:
             try:
-                st = os.lstat(os.path.join(self.dir, UNDO_NAME))
-                if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                    names.remove(UNDO_NAME)
-            except FileNotFoundError:
-                names.remove(UNDO_NAME)
+                if not _read_intent(os.path.join(self.dir, UNDO_NAME)).startswith(UNDO_MAGIC):
+                    names.remove(UNDO_NAME)  # cleared (or never written): nothing to undo
+            except (OSError, JournalError):
+                pass  # replay reports it
         return sorted(os.path.join(self.dir, n) for n in names)
 
     def replay(self) -> list[str]:
@@ -215,7 +217,9 @@ def _is_path(v: Any) -> bool:
 
 def parse_intent(data: bytes) -> dict[str, Any]:
     """Parse and validate one intent file. Raises JournalError for anything but the exact
-    shapes Journal.rename and Journal.file_steps write."""
+    shapes Journal.rename, Journal.file_steps and Journal.undo_before_write write."""
+    if data.startswith(UNDO_MAGIC):
+        return _parse_undo(data)
     try:
         r = json.loads(data)
     except (ValueError, RecursionError):
@@ -253,6 +257,28 @@ def parse_intent(data: bytes) -> dict[str, Any]:
                 raise JournalError(f"unknown or malformed step {str(step)[:40]!r}")
         return {**r, "steps": parsed}
     raise JournalError(f"unknown op {str(op)[:40]!r}")
+
+
+def _parse_undo(data: bytes) -> dict[str, Any]:
+    """The binary undo record, as the steps that undo the interrupted write."""
+    head = len(UNDO_MAGIC) + 4
+    if len(data) < head + UNDO_BODY.size:
+        raise JournalError("undo record truncated")
+    (crc,) = struct.unpack_from(">I", data, len(UNDO_MAGIC))
+    body = data[head:]
+    if zlib.crc32(body) != crc:
+        raise JournalError("undo record torn (checksum): the write had not started")
+    ino, offset, old_size, path_len, old_len = UNDO_BODY.unpack_from(body)
+    if len(body) != UNDO_BODY.size + path_len + old_len or offset + old_len > _MAX_OFF \
+            or old_size > _MAX_OFF:
+        raise JournalError("undo record lengths are inconsistent")
+    pos = UNDO_BODY.size
+    path = os.fsdecode(body[pos:pos + path_len])
+    if not _is_path(path):
+        raise JournalError("undo record names no valid path")
+    old = body[pos + path_len:]
+    steps: list[tuple] = [("pwrite", offset, old)] if old else []
+    return {"op": "steps", "path": path, "ino": ino, "steps": steps + [("truncate", old_size)]}
 
 
 def _ino(path: bytes | None) -> int | None:

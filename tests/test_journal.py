@@ -111,8 +111,7 @@ def test_undo_record_restores_the_old_state_of_an_interrupted_write(tree, crash_
     old = read(f)
     # Overwrite 3000 bytes at 8000, growing the file to 11000: the undo record holds the
     # old bytes of the range and the old size.
-    j.undo_before_write(f, os.lstat(f).st_ino, [("pwrite", 8000, old[8000:]),
-                                                ("truncate", 10000)])
+    j.undo_before_write(f, os.lstat(f).st_ino, 8000, old[8000:], 10000)
     if crash_after == "torn-write":
         with open(f, "r+b") as fh:
             fh.seek(8000)
@@ -130,8 +129,21 @@ def test_finished_write_leaves_nothing_to_undo(tree):
     root, j = tree
     f = os.path.join(root, b"f")
     put(f, b"o" * 100)
-    j.undo_before_write(f, os.lstat(f).st_ino, [("truncate", 100)])
+    j.undo_before_write(f, os.lstat(f).st_ino, 100, b"", 100)
     put(f, b"new content")
     j.write_done()
     assert j.pending() == []
     assert j.replay() == [] and read(f) == b"new content"
+
+
+def test_torn_undo_record_is_ignored(tree):
+    root, j = tree
+    f = os.path.join(root, b"f")
+    put(f, b"o" * 100)
+    j.undo_before_write(f, os.lstat(f).st_ino, 50, b"o" * 50, 100)
+    rec = os.path.join(j.dir, b"inflight-write")
+    raw = bytearray(read(rec))
+    raw[-1] ^= 1  # the record's own pwrite was cut short: the data write never started
+    put(rec, bytes(raw))
+    [line] = j.replay()
+    assert "torn" in line and read(f) == b"o" * 100
