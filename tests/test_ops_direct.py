@@ -79,7 +79,7 @@ def test_unaligned_overwrite_and_gap_write(run_ops):
         want[4090:4110] = b"B" * 20
         want += bytes(20000 - len(want)) + b"tail"
         assert got == bytes(want)
-        assert os.listdir(bk.control_path(backing, "journal")) == []  # intent finished
+        assert ops.journal.pending() == []  # intents finished, no write left to undo
         await ops.release(fh)
     run_ops(body)
 
@@ -107,7 +107,7 @@ def test_rename_moves_sidecar_and_leaves_no_intent(run_ops):
         dst_rec = fmt.decode_sidecar(open(os.path.join(backing, b"dst.sfskey"), "rb").read())
         assert dst_rec.file_id == src_rec.file_id
         assert sorted(os.listdir(backing)) == [b".encfs", b"dst", b"dst.sfskey"]
-        assert os.listdir(bk.control_path(backing, "journal")) == []
+        assert ops.journal.pending() == []
         await ops.release(await create(ops, b"other"))
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.rename(ROOT, b"dst", ROOT, b"other", pyfuse3.RENAME_NOREPLACE, CTX)
