@@ -261,18 +261,21 @@ def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
         except FileExistsError:
             pass
         else:
-            try:
-                os.write(fd, fmt.encode_sidecar(rec))
-                if uid is not None:
-                    os.fchown(fd, uid, gid if gid is not None else -1)
-                    os.fchmod(fd, mode)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fill_sidecar(fd, rec, uid, gid, mode, durable)
             return
     tmp = tmp_path(backing)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    _fill_sidecar(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode),
+                  rec, uid, gid, mode, durable)
+    try:
+        os.rename(tmp, sidecar_path(data_path))
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _fill_sidecar(fd: int, rec: fmt.KeyRecord, uid: int | None, gid: int | None, mode: int,
+                  durable: bool) -> None:
+    """Write a new sidecar's content into ``fd``, give it its owner, and close it."""
     try:
         os.write(fd, fmt.encode_sidecar(rec))
         if uid is not None:
@@ -282,11 +285,6 @@ def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
             os.fsync(fd)
     finally:
         os.close(fd)
-    try:
-        os.rename(tmp, sidecar_path(data_path))
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def fsync_sidecar(data_path: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -43,6 +44,41 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)
+
+
+def run_as_uid(uid: int, fn: Callable[[], Any]) -> tuple[str, Any]:
+    """Call ``fn()`` in a forked child that has become ``uid`` (gid = uid, no other groups).
+
+    A fork after import rather than a new interpreter: the venv may live where that uid
+    cannot read. Returns ("ok", value), ("errno", n) for an OSError, ("kms", (status,
+    code, message)) for a KmsError, or ("exc", repr) for anything else.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                result: tuple[str, Any] = ("ok", fn())
+            except KmsError as e:
+                result = ("kms", (e.status, e.error_code, e.error_msg))
+            except OSError as e:
+                result = ("errno", e.errno)
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                result = ("exc", repr(e))
+            os.write(w, pickle.dumps(result))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
 
 
 @dataclass

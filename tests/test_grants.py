@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from encfs.pytest_plugin import _short_tempdir, run_as_uid, start_kms_server
 from kms.client import KmsClient
 
 A, B = 4242, 4243
@@ -26,29 +25,12 @@ GRACE = 1.0
 
 
 def as_uid(uid: int, fn):
-    """Run fn() in a child that has become ``uid``; return its result or raise its error."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                out = ("ok", fn())
-            except Exception as e:  # sent back to the parent
-                out = ("err", f"{type(e).__name__}: {e}")
-            os.write(w, pickle.dumps(out))
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    status, value = pickle.loads(data)
-    if status == "err":
-        raise RuntimeError(value)
+    """Run fn() as ``uid``; return its result or raise its error (RuntimeError)."""
+    kind, value = run_as_uid(uid, fn)
+    if kind == "kms":
+        raise RuntimeError(f"{value[1]}: {value[2]}")
+    if kind != "ok":
+        raise RuntimeError(f"{kind}: {value}")
     return value
 
 

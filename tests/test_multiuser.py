@@ -15,8 +15,8 @@ import shutil
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
-from kms.client import KmsClient, KmsError
+from encfs.pytest_plugin import _short_tempdir, make_mount, run_as_uid, start_kms_server
+from kms.client import KmsClient
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")]
@@ -25,37 +25,9 @@ NOBODY = 65534
 
 
 def as_uid(uid: int, fn) -> tuple[str, object]:
-    """fn() in a forked child running as uid/gid ``uid`` (no supplementary groups).
-
-    A fork after import, not a new interpreter: the venv may live where that uid cannot
-    read. Returns ("ok", value), ("errno", n) or ("kms", error_code)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                res = ("ok", fn())
-            except OSError as e:
-                res = ("errno", e.errno)
-            except KmsError as e:
-                res = ("kms", e.error_code)
-            except BaseException as e:  # noqa: BLE001
-                res = ("exc", repr(e))
-            os.write(w, repr(res).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    out = b""
-    while chunk := os.read(r, 65536):
-        out += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    import ast
-    return ast.literal_eval(out.decode())
+    """fn() as ``uid``: ("ok", value), ("errno", n), ("kms", error_code) or ("exc", repr)."""
+    kind, value = run_as_uid(uid, fn)
+    return (kind, value[1]) if kind == "kms" else (kind, value)
 
 
 def read(path: str) -> bytes:

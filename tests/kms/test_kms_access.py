@@ -4,13 +4,12 @@ allowed through a grant by user name."""
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import stat
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from encfs.pytest_plugin import _short_tempdir, run_as_uid, start_kms_server
 from kms.client import KmsClient, KmsError
 
 NOBODY = 65534
@@ -24,34 +23,11 @@ def run_as(uid: int, fn):
     A fork (rather than a new interpreter) because the venv's interpreter may live under a
     directory that 'nobody' cannot read; the modules are already loaded in the child.
     """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                    # child
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                result = ("ok", fn())
-            except KmsError as e:
-                result = ("kms", (e.status, e.error_code, e.error_msg))
-            except BaseException as e:  # noqa: BLE001 - reported to the parent
-                result = ("exc", repr(e))
-            os.write(w, pickle.dumps(result))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
+    kind, value = run_as_uid(uid, fn)
     if kind == "kms":
         raise KmsError(*value)
-    if kind == "exc":
-        raise AssertionError(f"child failed: {value}")
+    if kind != "ok":
+        raise AssertionError(f"child failed: {kind} {value}")
     return value
 
 
