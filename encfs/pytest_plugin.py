@@ -148,16 +148,23 @@ def start_kms_server(workdir: str | None = None, project_id: str = DEFAULT_PROJE
     return server
 
 
-@pytest.fixture
-def kms_server() -> Iterator[KmsServer]:
-    """A real KMS daemon on a temporary socket and data dir, stopped in teardown."""
-    workdir = _short_tempdir("kms-")
+@contextlib.contextmanager
+def running_kms(prefix: str = "kms-") -> Iterator[KmsServer]:
+    """A KMS daemon in a fresh temp dir, stopped and removed on exit (any fixture scope)."""
+    workdir = _short_tempdir(prefix)
     server = start_kms_server(workdir)
     try:
         yield server
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def kms_server() -> Iterator[KmsServer]:
+    """A real KMS daemon on a temporary socket and data dir, stopped in teardown."""
+    with running_kms() as server:
+        yield server
 
 
 def _in_mount_table(mountpoint: str) -> bool:

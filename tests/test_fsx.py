@@ -26,7 +26,7 @@ from collections import deque
 
 import pytest
 
-from encfs.pytest_plugin import make_mount, start_kms_server
+from encfs.pytest_plugin import make_mount, running_kms
 
 pytestmark = pytest.mark.fuse
 
@@ -41,13 +41,8 @@ OPEN_FLAGS = [os.O_RDWR, os.O_RDONLY, os.O_WRONLY, os.O_RDWR | os.O_APPEND,
 
 @pytest.fixture(scope="module")
 def kms():
-    workdir = tempfile.mkdtemp(prefix="kms-", dir="/tmp")
-    server = start_kms_server(workdir)
-    try:
+    with running_kms("kms-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Side:

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
+from encfs.pytest_plugin import _short_tempdir, make_mount, running_kms
 
 pytestmark = pytest.mark.fuse
 
@@ -27,13 +27,8 @@ CBS = BS + fmt.BLOCK_OVERHEAD
 
 @pytest.fixture(scope="module")
 def kms():
-    work = _short_tempdir("encfs-tm-kms-")
-    server = start_kms_server(work)
-    try:
+    with running_kms("encfs-tm-kms-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture

@@ -81,6 +81,18 @@ def wait_errno(fn, expected: int, within: float) -> float:
         time.sleep(0.05)
 
 
+def wait_content(path: str, expected: bytes, within: float) -> None:
+    """Read until the file is readable again (access restored) and holds ``expected``."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            assert fresh_read(path) == expected
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "still unreadable"
+            time.sleep(0.05)
+
+
 def fresh_read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -106,14 +118,7 @@ def test_disable_then_enable_key_without_remount(revocable):
     assert e.value.errno == errno.EKEYREVOKED
     assert f"key {m.key_id} can no longer be used" in m.log()
     c.call("enable-key", {"key_id": m.key_id})
-    deadline = time.monotonic() + GRACE + 2
-    while True:
-        try:
-            assert fresh_read(path) == b"s" * 10000
-            break
-        except OSError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    wait_content(path, b"s" * 10000, GRACE + 2)
     held.seek(0)
     assert held.read() == b"s" * 10000
     held.close()
@@ -132,14 +137,7 @@ def test_schedule_then_cancel_deletion(revocable):
     with pytest.raises(OSError):
         fresh_read(path)
     c.call("enable-key", {"key_id": m.key_id})
-    deadline = time.monotonic() + GRACE + 2
-    while True:
-        try:
-            assert fresh_read(path) == b"d" * 100
-            break
-        except OSError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    wait_content(path, b"d" * 100, GRACE + 2)
 
 
 @pytest.mark.fuse

@@ -17,20 +17,15 @@ import time
 
 import pytest
 
-from encfs.pytest_plugin import make_mount, start_kms_server
+from encfs.pytest_plugin import make_mount, running_kms
 
 pytestmark = pytest.mark.fuse
 
 
 @pytest.fixture(scope="module")
 def kms():
-    workdir = tempfile.mkdtemp(prefix="kms-", dir="/tmp")
-    server = start_kms_server(workdir)
-    try:
+    with running_kms("kms-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _mount(kms, workdir: str, *extra: str):

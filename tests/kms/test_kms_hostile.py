@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import socket
 import threading
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from encfs.pytest_plugin import _short_tempdir, run_as_uid, start_kms_server
 from kms.client import KmsClient, KmsError
 
 # Short timeouts so that the slow-client tests end quickly; the assertions never depend on them
@@ -377,32 +376,18 @@ def test_other_uid_cannot_use_keys_over_raw_socket(hostile_kms):
     with hostile_kms.client as c:
         kid = c.create_key("hostile/owned")["key_id"]
         _dek, ct = c.create_datakey(kid, aad="f")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            out = [exchange(hostile_kms, request(op, json.dumps(body)))[0] for op, body in [
-                ("describe-key", {"key_id": kid}),
-                ("create-datakey", {"key_id": kid}),
-                ("decrypt-datakey", {"key_id": kid, "cipher_text": ct, "datakey_cipher_length": "32",
-                                     "additional_authenticated_data": "f"}),
-                ("disable-key", {"key_id": kid}),
-                ("create-grant", {"key_id": kid, "grantee_principal": "65534", "operations": ["decrypt-datakey"]}),
-                ("re-encrypt", {"cipher_text": ct, "destination_key_id": kid, "source_additional_authenticated_data": "f"}),
-            ]]
-            os.write(w, pickle.dumps(out))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    replies = pickle.loads(data)
+    requests = [
+        ("describe-key", {"key_id": kid}),
+        ("create-datakey", {"key_id": kid}),
+        ("decrypt-datakey", {"key_id": kid, "cipher_text": ct, "datakey_cipher_length": "32",
+                             "additional_authenticated_data": "f"}),
+        ("disable-key", {"key_id": kid}),
+        ("create-grant", {"key_id": kid, "grantee_principal": "65534", "operations": ["decrypt-datakey"]}),
+        ("re-encrypt", {"cipher_text": ct, "destination_key_id": kid, "source_additional_authenticated_data": "f"}),
+    ]
+    kind, replies = run_as_uid(65534, lambda: [
+        exchange(hostile_kms, request(op, json.dumps(body)))[0] for op, body in requests])
+    assert kind == "ok", replies
     assert [error_of(x) for x in replies] == [(403, "KMS.0306")] * 6
     still_serves(hostile_kms)
 
