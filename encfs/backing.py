@@ -243,7 +243,8 @@ def read_sidecar_file(side: bytes) -> fmt.KeyRecord:
 
 def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
                   uid: int | None = None, gid: int | None = None, mode: int = 0o600,
-                  durable: bool = True, beside_new_file: bool = False) -> None:
+                  durable: bool = True, beside_new_file: bool = False,
+                  spare: tuple[int, bytes] | None = None) -> None:
     """Put a new sidecar in place atomically (complete before it becomes visible).
 
     ``durable=False`` skips the fsync: the mount makes a new file's sidecar durable when
@@ -253,7 +254,22 @@ def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
     straight under its name (one file creation, no rename); a crash in the middle leaves
     a torn sidecar beside an empty file, which the mount replaces with a new key. An
     existing (orphan) sidecar there falls back to the atomic temp + rename.
+
+    ``spare``: an open empty file from `spares.SparePool` (mode 0600) that becomes the
+    sidecar: filled, then renamed into place, replacing an orphan sidecar if there is one.
     """
+    if spare is not None:
+        fd, spare_path = spare
+        try:
+            _fill_sidecar(fd, rec, uid, gid, mode, durable, chmod=mode != 0o600)
+            os.rename(spare_path, sidecar_path(data_path))
+        except BaseException:
+            try:
+                os.unlink(spare_path)
+            except OSError:
+                pass
+            raise
+        return
     if beside_new_file:
         try:
             fd = os.open(sidecar_path(data_path),
@@ -274,12 +290,14 @@ def write_sidecar(backing: bytes, data_path: bytes, rec: fmt.KeyRecord,
 
 
 def _fill_sidecar(fd: int, rec: fmt.KeyRecord, uid: int | None, gid: int | None, mode: int,
-                  durable: bool) -> None:
-    """Write a new sidecar's content into ``fd``, give it its owner, and close it."""
+                  durable: bool, chmod: bool = False) -> None:
+    """Write a new sidecar's content into ``fd``, give it its owner (and ``mode`` when
+    ``chmod`` or after a chown), and close it."""
     try:
         os.write(fd, fmt.encode_sidecar(rec))
         if uid is not None:
             os.fchown(fd, uid, gid if gid is not None else -1)
+        if uid is not None or chmod:
             os.fchmod(fd, mode)
         if durable:
             os.fsync(fd)

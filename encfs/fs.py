@@ -34,6 +34,7 @@ from .cipher import BlockAuthError, BlockCipher
 from .journal import Journal
 from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
+from .spares import SparePool
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class EncFS(pyfuse3.Operations):
         self.enable_writeback_cache = not shared_backing
         self.keep_cache = not shared_backing
         self.journal = Journal(bk.control_path(backing))
+        self.spares = SparePool(bk.control_path(backing, bk.TMP_DIR))  # started by the mount
         self._dir_keys: dict[int, str | None] = {}  # directory inode -> its own CMK
         self.can_preallocate = True  # until the backing filesystem says it cannot
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
@@ -441,14 +443,28 @@ class EncFS(pyfuse3.Operations):
         pad = self._pad_step(node, old, first)
         start = first * bs
         stop = min((last + 1) * bs, max(old, end))
-        # Existing plaintext around the write inside its first and last blocks.
-        head = self._read_plain(node, start, min(off, old)) if off > start else b""
-        head += bytes(off - start - len(head))
-        tail = self._read_plain(node, end, stop) if stop > end and end < old else b""
+        # The old ciphertext of the blocks this write rewrites, read once: it gives the
+        # plaintext around the write in its first and last blocks, and the undo record.
+        c_off = fmt.block_offset(first, bs)
+        c_end = min(fmt.block_offset(last + 1, bs), csize)
+        old_ct = os.pread(node.fd, c_end - c_off, c_off) if c_end > c_off else b""
+        cbs = fmt.cipher_block_size(bs)
+        head = tail = b""
+        need_head, need_tail = off > start, stop > end and end < old
+        if need_head or (need_tail and last == first):
+            first_plain = self._decrypt(node, first, old_ct[:cbs])
+        if need_head:
+            head = first_plain[:off - start]
+            head += bytes(off - start - len(head))
+        if need_tail:
+            k = (last - first) * cbs
+            last_plain = first_plain if last == first else \
+                self._decrypt(node, last, old_ct[k:k + cbs])
+            tail = last_plain[end - last * bs:stop - last * bs]
         tail += bytes(stop - end - len(tail))
         # (Large sequential writes have neither: encrypt straight from the request buffer.)
         plain = b"".join((head, data, tail)) if head or tail else data
-        main = ("pwrite", fmt.block_offset(first, bs), node.cipher.encrypt(first, plain))
+        main = ("pwrite", c_off, node.cipher.encrypt(first, plain))
         steps = self._header_step(node, csize) + pad + [main]
         if pad:  # padding the old tail block changes the size: a redo intent finishes it
             self._apply(node, steps, journal=True)
@@ -457,9 +473,8 @@ class EncFS(pyfuse3.Operations):
         # leaves an empty file, its old state). A kill can still cut that pwrite between
         # pages: an undo record restores the old ciphertext and size at the next mount.
         if node.links:
-            off, end = main[1], min(main[1] + len(main[2]), csize)
-            old = os.pread(node.fd, end - off, off) if end > off else b""
-            self.journal.undo_before_write(self._path(node.ino), node.ino, off, old, csize)
+            undo = old_ct[:max(0, min(c_off + len(main[2]), csize) - c_off)]
+            self.journal.undo_before_write(self._path(node.ino), node.ino, c_off, undo, csize)
         self._apply(node, steps, journal=False)
         if node.links:
             self.journal.write_done()
@@ -616,7 +631,7 @@ class EncFS(pyfuse3.Operations):
             bk.write_sidecar(self.backing, path, record,
                              *(owner if owner != (self.euid, self.egid) else ()),
                              mode=_sidecar_mode(st.st_mode), durable=False,
-                             beside_new_file=True)
+                             beside_new_file=True, spare=self.spares.take())
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -706,7 +721,8 @@ class EncFS(pyfuse3.Operations):
         st = os.lstat(path)
         os.unlink(path)
         if stat.S_ISREG(st.st_mode):
-            bk.remove_sidecar(path)
+            if st.st_nlink != 1 or not self.spares.recycle(bk.sidecar_path(path)):
+                bk.remove_sidecar(path)
         self._drop_link(parent_inode, name, self._ino(st))
 
     @_fuse_errors
@@ -1076,6 +1092,7 @@ class EncFS(pyfuse3.Operations):
 
     def close_all(self) -> None:
         """At unmount: forgets may never arrive, so drop every open backing fd."""
+        self.spares.stop()
         self.journal.close()
         for node in self.nodes.values():
             if node.fd is not None:

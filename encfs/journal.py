@@ -2,8 +2,13 @@
 
 A change that takes more than one backing syscall (rename of a data file and its
 sidecar; truncate or a write that re-encrypts a partial block and moves the end of file)
-first writes an intent to ``.encfs/journal/``, then performs its steps, then removes the
-intent. Every step is absolute (rename to a name, pwrite at an offset, ftruncate to a
+first writes an intent to ``.encfs/journal/``, then performs its steps, then clears the
+intent. The mount has at most one change in flight (its handlers do not await between the
+steps), so its intents are written in place into one file, ``inflight-change``, and cleared
+by zeroing their magic: creating and removing a file per rename would cost an inode
+allocation each, the most expensive thing the backing filesystem does. A second intent
+while one is open (never, today) and intents found from older versions are files of their
+own, ``PID-SEQ.json``. Every step is absolute (rename to a name, pwrite at an offset, ftruncate to a
 size), so replaying an intent after a crash at any point finishes the change: the file
 ends in its new state. Intents identify files by inode number, so a replay never touches
 a file that is not the one the intent was written for.
@@ -37,6 +42,10 @@ UNDO_MAGIC = b"ENCFUNDO"
 #: inode u64 | offset u64 | old size u64 | path length u32 | old data length u32
 UNDO_BODY = struct.Struct(">QQQII")
 RENAME_EXCHANGE = 2
+INTENT_NAME = b"inflight-change"
+INTENT_MAGIC = b"ENCFINTN"
+#: crc32 of the JSON body u32 | its length u32
+INTENT_HEAD = struct.Struct(">II")
 #: The largest intent replay reads. An intent holds at most one write request (1 MiB) and
 #: one re-padded block (up to 1 MiB), hex encoded; anything far larger was not written by us.
 INTENT_MAX = 16 * 1024 * 1024
@@ -59,6 +68,8 @@ class Journal:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._seq = 0
         self._undo_fd: int | None = None
+        self._intent_fd: int | None = None
+        self._slot_busy = False
         try:
             # Never follow a planted symlink: intents must stay in the backing dir.
             self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -70,14 +81,31 @@ class Journal:
             raise
 
     def close(self) -> None:
-        if self._undo_fd is not None:
-            os.close(self._undo_fd)
+        for fd in (self._undo_fd, self._intent_fd):
+            if fd is not None:
+                os.close(fd)
         os.close(self._dir_fd)
 
+    def _slot(self, name: bytes) -> int:
+        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                       dir_fd=self._dir_fd)
+
     def _write(self, record: dict[str, Any]) -> Intent:
+        body = json.dumps(record).encode()
+        if not self._slot_busy:
+            if self._intent_fd is None:
+                self._intent_fd = self._slot(INTENT_NAME)
+            # One pwrite: a kill can cut it short only after its first page, and the crc
+            # then shows a torn intent, written before any of its steps began.
+            os.pwrite(self._intent_fd,
+                      INTENT_MAGIC + INTENT_HEAD.pack(zlib.crc32(body), len(body)) + body, 0)
+            self._slot_busy = True
+            return Intent(os.path.join(self.dir, INTENT_NAME))
+        return self._write_file(body)
+
+    def _write_file(self, data: bytes) -> Intent:
         self._seq += 1
         name = b"%d-%d.json" % (os.getpid(), self._seq)
-        data = json.dumps(record).encode()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(name, flags, 0o600, dir_fd=self._dir_fd)
@@ -91,7 +119,11 @@ class Journal:
         return Intent(os.path.join(self.dir, name))
 
     def done(self, intent: Intent) -> None:
-        os.unlink(intent.path)
+        if os.path.basename(intent.path) == INTENT_NAME:
+            os.pwrite(self._intent_fd, bytes(len(INTENT_MAGIC)), 0)
+            self._slot_busy = False
+        else:
+            os.unlink(intent.path)
 
     # --- the undo record of the write in progress -----------------------------------------
 
@@ -106,8 +138,7 @@ class Journal:
         """
         body = UNDO_BODY.pack(ino, offset, old_size, len(path), len(old)) + path + old
         if self._undo_fd is None:
-            self._undo_fd = os.open(UNDO_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                                    | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+            self._undo_fd = self._slot(UNDO_NAME)
         os.pwrite(self._undo_fd, UNDO_MAGIC + struct.pack(">I", zlib.crc32(body)) + body, 0)
 
     def write_done(self) -> None:
@@ -138,12 +169,13 @@ class Journal:
     def pending(self) -> list[bytes]:
         """Intent files, and the undo record if it holds one (it is empty between writes)."""
         names = os.listdir(self.dir)
-        if UNDO_NAME in names:
-            try:
-                if not _read_intent(os.path.join(self.dir, UNDO_NAME)).startswith(UNDO_MAGIC):
-                    names.remove(UNDO_NAME)  # cleared (or never written): nothing to undo
-            except (OSError, JournalError):
-                pass  # replay reports it
+        for slot, magic in ((UNDO_NAME, UNDO_MAGIC), (INTENT_NAME, INTENT_MAGIC)):
+            if slot in names:
+                try:
+                    if not _read_intent(os.path.join(self.dir, slot)).startswith(magic):
+                        names.remove(slot)  # cleared (or never written): nothing to do
+                except (OSError, JournalError):
+                    pass  # replay reports it
         return sorted(os.path.join(self.dir, n) for n in names)
 
     def replay(self) -> list[str]:
@@ -172,6 +204,12 @@ class Journal:
                     os.unlink(path)
             except OSError as e:
                 done.append(f"could not remove intent {shown}: {e.strerror}")
+        # The slot files may be gone now: open them afresh on the next write.
+        for fd in (self._undo_fd, self._intent_fd):
+            if fd is not None:
+                os.close(fd)
+        self._undo_fd = self._intent_fd = None
+        self._slot_busy = False
         return done
 
 
@@ -220,6 +258,14 @@ def parse_intent(data: bytes) -> dict[str, Any]:
     shapes Journal.rename, Journal.file_steps and Journal.undo_before_write write."""
     if data.startswith(UNDO_MAGIC):
         return _parse_undo(data)
+    if data.startswith(INTENT_MAGIC):
+        head = data[len(INTENT_MAGIC):len(INTENT_MAGIC) + INTENT_HEAD.size]
+        if len(head) < INTENT_HEAD.size:
+            raise JournalError("torn intent")
+        crc, length = INTENT_HEAD.unpack(head)
+        data = data[len(INTENT_MAGIC) + INTENT_HEAD.size:][:length]
+        if len(data) != length or zlib.crc32(data) != crc:
+            raise JournalError("torn intent (written before its change began)")
     try:
         r = json.loads(data)
     except (ValueError, RecursionError):

@@ -43,6 +43,15 @@ def file_aad(file_id: bytes) -> str:
     return file_id.hex()
 
 
+def key_version(rec: fmt.KeyRecord) -> int | None:
+    """The CMK version named inside a wrapped DEK of our KMS (opaque for other KMSes)."""
+    try:
+        from kms import blob
+        return blob.parse(rec.wrapped_dek, blob.KIND_DATAKEY).key_version
+    except Exception:  # another KMS's format: the version is not ours to read
+        return None
+
+
 async def _nothing(_: str) -> None:
     return None
 
@@ -178,6 +187,9 @@ class KeyManager:
             await self.recheck()
 
     async def recheck(self) -> None:
+        for key_id, pool in list(self._pools.items()):
+            if pool and key_id not in self.revoked:
+                await self._follow_rotation(key_id, pool)
         in_use = (self.open_key_ids() | {k for _, _, k in self._cache.values()}
                   | {k for k, pool in self._pools.items() if pool}
                   | set(self.revoked))
@@ -206,6 +218,24 @@ class KeyManager:
                 continue
             if self.revoked.pop(key_id, None) is not None:
                 log.warning("key %s is usable again: access to its files is restored", key_id)
+
+    async def _follow_rotation(self, key_id: str, pool: list) -> None:
+        """DEKs prepared before a rotation of their CMK are wrapped under its old version.
+        One fresh DEK per check tells the current version; prepared ones under another are
+        dropped, so new files follow a rotation within one check period."""
+        try:
+            fresh = await self._create(key_id)
+        except KeyError_:
+            return  # the revocation check below tells why
+        version = key_version(fresh[0])
+        current = [item for item in pool if key_version(item[0]) == version]
+        if len(current) < len(pool):
+            log.info("key %s was rotated: %d data keys prepared under its previous version "
+                     "were dropped", key_id, len(pool) - len(current))
+            pool[:] = current
+            self._pool_low.set()
+        if len(pool) < POOL_SIZE:
+            pool.append(fresh)
 
     def _drop_key(self, key_id: str) -> None:
         for fid in [f for f, (_, _, k) in self._cache.items() if k == key_id]:

@@ -175,6 +175,7 @@ async def _serve(ops: EncFS, target: "KmsTarget", key_id: str, ttl: float) -> No
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(ops.keys.watch)
             nursery.start_soon(ops.keys.fill_pool)
+            ops.spares.start()  # after serve_as: spares belong to the serving uid
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:

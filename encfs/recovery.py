@@ -18,6 +18,7 @@ from kms.client import KmsError
 from . import format as fmt
 from .backing import CONTROL_DIR, printable, read_sidecar_file
 from .cipher import BlockAuthError
+from .keys import key_version
 from .mounts import backing_path_of
 from .offline import kms_client, plaintext_chunks, read_pair, unwrap
 
@@ -25,15 +26,6 @@ from .offline import kms_client, plaintext_chunks, read_pair, unwrap
 def _kms_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kms-socket")
     p.add_argument("--project-id")
-
-
-def key_version(rec: fmt.KeyRecord) -> int | None:
-    """The CMK version named inside a wrapped DEK of our KMS (opaque for other KMSes)."""
-    try:
-        from kms import blob
-        return blob.parse(rec.wrapped_dek, blob.KIND_DATAKEY).key_version
-    except Exception:  # another KMS's format: the version is not ours to read
-        return None
 
 
 def describe(path: str, socket: str | None = None, project_id: str | None = None) -> dict:

@@ -22,10 +22,9 @@ from kms.client import KmsClient, KmsError
 
 from . import backing as bk
 from . import format as fmt
-from .keys import file_aad
+from .keys import file_aad, key_version
 from .mounts import backing_path_of
 from .offline import kms_client
-from .recovery import key_version
 
 
 @dataclass

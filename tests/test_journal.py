@@ -147,3 +147,42 @@ def test_torn_undo_record_is_ignored(tree):
     put(rec, bytes(raw))
     [line] = j.replay()
     assert "torn" in line and read(f) == b"o" * 100
+
+
+def test_intents_are_written_in_place_and_cleared(tree):
+    root, j = tree
+    a, b = os.path.join(root, b"a"), os.path.join(root, b"b")
+    put(a, b"A"), put(a + S, b"kA")
+    for _ in range(3):
+        intent = j.rename(a, b, 0, a + S, None)
+        assert j.pending() == [os.path.join(j.dir, b"inflight-change")]
+        os.rename(a, b), os.rename(a + S, b + S)
+        j.done(intent)
+        assert j.pending() == []
+        a, b = b, a
+    assert os.listdir(j.dir) == [b"inflight-change"]  # no file per intent
+
+
+def test_a_second_open_intent_gets_a_file_of_its_own(tree):
+    root, j = tree
+    a, b, c = (os.path.join(root, n) for n in (b"a", b"b", b"c"))
+    put(a, b"A"), put(b, b"B")
+    first = j.rename(a, c, 0, None, None)
+    second = j.rename(b, a, 0, None, None)
+    assert len(j.pending()) == 2 and first.path != second.path
+    j.done(second), j.done(first)
+    assert j.pending() == []
+
+
+def test_a_torn_intent_is_reported_and_ignored(tree):
+    root, j = tree
+    a, b = os.path.join(root, b"a"), os.path.join(root, b"b")
+    put(a, b"A"), put(a + S, b"kA")
+    j.rename(a, b, 0, a + S, None)
+    slot = os.path.join(j.dir, b"inflight-change")
+    data = read(slot)
+    put(slot, data[:-5] + b"XXXXX")  # as if a kill cut the pwrite after its first page
+    lines = j.replay()
+    assert len(lines) == 1 and "torn intent" in lines[0]
+    assert read(a) == b"A" and not os.path.exists(b)
+    assert j.pending() == []

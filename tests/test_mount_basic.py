@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import stat
 import subprocess
 
 import pytest
@@ -363,3 +364,36 @@ def test_torn_sidecar_beside_an_empty_file_gets_a_new_key(encrypted_mount):
     assert sidecar(m, "fresh").file_id == fmt.decode_header(
         open(m.backing_path("fresh"), "rb").read()).file_id
     assert "replacing the damaged sidecar of an empty file" in m.log()
+
+
+def test_sidecars_from_spares_and_recycled_ones_get_their_files_mode(encrypted_mount):
+    """New sidecars come from the pool of spare inodes, and removed files' sidecars go back
+    into it; either way the sidecar gets its data file's mode, and unmount leaves no spare."""
+    m = encrypted_mount
+    modes = {"p": 0o600, "g": 0o640, "x": 0o755}
+    for rnd in range(2):  # the second round's last files reuse the first's sidecars
+        for i in range(100):  # more than the pool creates ahead, and a recycling batch
+            open(f"{m.mountpoint}/filler{i}", "wb").close()
+            os.truncate(f"{m.mountpoint}/filler{i}", 1)
+        for name, mode in modes.items():
+            fd = os.open(f"{m.mountpoint}/{name}", os.O_WRONLY | os.O_CREAT, mode)
+            os.write(fd, f"{name}{rnd}".encode())
+            os.close(fd)
+        for name, mode in modes.items():
+            st = os.stat(m.backing_path(name + SUFFIX))
+            assert stat.S_IMODE(st.st_mode) == mode & 0o644, name
+            assert sidecar(m, name).file_id  # a whole, valid record
+            assert open(f"{m.mountpoint}/{name}", "rb").read() == f"{name}{rnd}".encode()
+        if rnd == 0:
+            names = [*modes, *(f"filler{i}" for i in range(100))]
+            old_inodes = {os.stat(m.backing_path(n + SUFFIX)).st_ino for n in names}
+            for name in names:
+                os.unlink(f"{m.mountpoint}/{name}")
+            assert backing_files(m) == []
+        else:
+            assert {os.stat(m.backing_path(n + SUFFIX)).st_ino for n in modes} <= old_inodes
+    m.remount()
+    for name in modes:
+        assert open(f"{m.mountpoint}/{name}", "rb").read() == f"{name}1".encode()
+    m.unmount()
+    assert os.listdir(m.backing_path(".encfs/tmp")) == []

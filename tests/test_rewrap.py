@@ -13,7 +13,7 @@ import pytest
 
 from encfs import format as fmt
 from encfs.pytest_plugin import _short_tempdir, make_mount
-from encfs.recovery import key_version
+from encfs.keys import key_version
 
 S = fmt.SIDECAR_SUFFIX
 
@@ -60,11 +60,28 @@ def newest_version(m, key_id: str) -> int:
         "number_of_rotations"] + 1
 
 
+def wait_for_new_files_under(m, version: int) -> None:
+    """New files use DEKs the mount prepared ahead; it notices a rotation at its next key
+    check (a quarter of the key cache TTL) and drops those wrapped under the old version."""
+    deadline = time.monotonic() + 15
+    while True:
+        open(f"{m.mountpoint}/probe", "wb").close()
+        got = key_version(records(m)["probe" + S])
+        os.unlink(f"{m.mountpoint}/probe")
+        if got == version:
+            return
+        assert time.monotonic() < deadline, f"new files still use key version {got}"
+        time.sleep(0.1)
+
+
 def test_rotate_rewrap_rotate(encrypted_mount):
     m = encrypted_mount
+    m.extra_args = ["--key-cache-ttl", "2"]  # key checks every 0.5 s
+    m.remount()
     c = m.kms.client
     files = write_files(m, "old", 5)
     c.call("rotate-on-demand", {"key_id": m.key_id})
+    wait_for_new_files_under(m, 2)
     files |= write_files(m, "new", 5)
     recs = records(m)
     assert {key_version(recs[f"old/f{i}{S}"]) for i in range(5)} == {1}
