@@ -1,4 +1,5 @@
-"""Which encfs mounts exist: read from /proc/self/mounts (fsname = backing dir)."""
+"""Which encfs mounts exist: read from /proc/self/mounts (fsname = backing dir), and the
+device number of one (from /proc/self/mountinfo)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def backing_path_of(path: str) -> str:
     if best is None:
         return path
     return os.path.normpath(os.path.join(best.backing, os.path.relpath(real, best.mountpoint)))
+
+
+def device_of_mountpoint(mountpoint: str) -> str | None:
+    """The "major:minor" of the newest encfs mount on ``mountpoint``, found without a
+    stat(2), which a daemon cannot do on its own mount before it serves requests."""
+    mountpoint = os.path.abspath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")  # optional fields end with a lone "-"
+            if _unescape(fields[4]) == mountpoint and fields[sep + 1] == FSTYPE:
+                found = fields[2]
+    return found

@@ -8,6 +8,7 @@ import os
 import random
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -397,3 +398,20 @@ def test_sidecars_from_spares_and_recycled_ones_get_their_files_mode(encrypted_m
         assert open(f"{m.mountpoint}/{name}", "rb").read() == f"{name}1".encode()
     m.unmount()
     assert os.listdir(m.backing_path(".encfs/tmp")) == []
+
+
+def test_readahead_of_the_mount_is_raised_for_large_read_requests(encrypted_mount):
+    """A root mount sets its readahead window to 1 MiB once the kernel finished INIT (which
+    resets it), so sequential reads arrive as 1 MiB requests (docs/PERFORMANCE.md)."""
+    from encfs.mount import READAHEAD_KB
+    from encfs.mounts import device_of_mountpoint
+
+    m = encrypted_mount
+    dev = device_of_mountpoint(m.mountpoint)
+    st = os.stat(m.mountpoint)
+    assert dev == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    deadline = time.monotonic() + 10
+    while int(open(path).read()) != READAHEAD_KB:
+        assert time.monotonic() < deadline, open(path).read()
+        time.sleep(0.05)
