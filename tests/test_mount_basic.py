@@ -415,3 +415,17 @@ def test_readahead_of_the_mount_is_raised_for_large_read_requests(encrypted_moun
     while int(open(path).read()) != READAHEAD_KB:
         assert time.monotonic() < deadline, open(path).read()
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("size", [1, 4096, 16384 + 5, 100_000])
+def test_backing_file_holds_no_space_beyond_its_ciphertext(encrypted_mount, size):
+    """Space is reserved before each write (a full disk gives ENOSPC, never a torn block),
+    but only for the bytes the write puts there: a small file must not keep a whole
+    reserved block past its end."""
+    m = encrypted_mount
+    with open(f"{m.mountpoint}/f", "wb") as f:
+        f.write(os.urandom(size))
+    sh("sync")
+    st = os.stat(m.backing_path("f"))
+    assert st.st_size == fmt.cipher_size(size, fmt.DEFAULT_BLOCK_SIZE)
+    assert st.st_blocks * 512 <= -(-st.st_size // 4096) * 4096
