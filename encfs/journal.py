@@ -25,6 +25,7 @@ import ctypes
 import errno
 import json
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -41,6 +42,7 @@ UNDO_NAME = b"inflight-write"
 UNDO_MAGIC = b"ENCFUNDO"
 #: inode u64 | offset u64 | old size u64 | path length u32 | old data length u32
 UNDO_BODY = struct.Struct(">QQQII")
+UNDO_MAP_MIN = 2 << 20  # the undo file's mapping: a 1 MiB write's record fits
 RENAME_EXCHANGE = 2
 INTENT_NAME = b"inflight-change"
 INTENT_MAGIC = b"ENCFINTN"
@@ -68,6 +70,7 @@ class Journal:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._seq = 0
         self._undo_fd: int | None = None
+        self._undo_map: mmap.mmap | None = None
         self._intent_fd: int | None = None
         self._slot_busy = False
         try:
@@ -81,6 +84,8 @@ class Journal:
             raise
 
     def close(self) -> None:
+        if self._undo_map is not None:
+            self._undo_map.close()
         for fd in (self._undo_fd, self._intent_fd):
             if fd is not None:
                 os.close(fd)
@@ -133,17 +138,33 @@ class Journal:
         of several pages short (the kernel checks for fatal signals between pages), which
         would leave a torn block. Replaying the record puts back ``old`` at ``offset`` and
         the size ``old_size``: the file is in its old state. One file, rewritten in place
-        for every write (binary, one pwrite; `write_done` clears its magic), because
-        creating a file per write would cost more than the write.
+        for every write (binary; `write_done` clears its magic), because creating a file
+        per write would cost more than the write.
+
+        The file is mapped (MAP_SHARED), so recording and clearing are stores into the
+        page cache, not syscalls: what the daemon stored survives its death like a
+        `pwrite` would, and a kill in the middle of the copy leaves a prefix, which the
+        CRC shows as torn (the data write had not started).
         """
         body = UNDO_BODY.pack(ino, offset, old_size, len(path), len(old)) + path + old
-        if self._undo_fd is None:
-            self._undo_fd = self._slot(UNDO_NAME)
-        os.pwrite(self._undo_fd, UNDO_MAGIC + struct.pack(">I", zlib.crc32(body)) + body, 0)
+        record = UNDO_MAGIC + struct.pack(">I", zlib.crc32(body)) + body
+        if self._undo_map is None or len(record) > len(self._undo_map):
+            self._map_undo(len(record))
+        self._undo_map[:len(record)] = record
 
     def write_done(self) -> None:
         """The write finished: its undo record must never be replayed."""
-        os.pwrite(self._undo_fd, bytes(len(UNDO_MAGIC)), 0)
+        self._undo_map[:len(UNDO_MAGIC)] = bytes(len(UNDO_MAGIC))
+
+    def _map_undo(self, size: int) -> None:
+        if self._undo_fd is None:
+            self._undo_fd = self._slot(UNDO_NAME)
+        if self._undo_map is not None:
+            self._undo_map.close()
+        size = max(UNDO_MAP_MIN, 1 << (size - 1).bit_length())
+        if os.fstat(self._undo_fd).st_size < size:
+            os.ftruncate(self._undo_fd, size)  # sparse: only the pages written take space
+        self._undo_map = mmap.mmap(self._undo_fd, size)
 
     # --- recording ----------------------------------------------------------------------
 
@@ -205,6 +226,9 @@ class Journal:
             except OSError as e:
                 done.append(f"could not remove intent {shown}: {e.strerror}")
         # The slot files may be gone now: open them afresh on the next write.
+        if self._undo_map is not None:
+            self._undo_map.close()
+            self._undo_map = None
         for fd in (self._undo_fd, self._intent_fd):
             if fd is not None:
                 os.close(fd)
@@ -311,12 +335,15 @@ def _parse_undo(data: bytes) -> dict[str, Any]:
     if len(data) < head + UNDO_BODY.size:
         raise JournalError("undo record truncated")
     (crc,) = struct.unpack_from(">I", data, len(UNDO_MAGIC))
-    body = data[head:]
+    ino, offset, old_size, path_len, old_len = UNDO_BODY.unpack_from(data, head)
+    # The record is followed by whatever a longer earlier record left (or the zeros of the
+    # mapped file): its own lengths delimit it.
+    body = data[head:head + UNDO_BODY.size + path_len + old_len]
+    if len(body) != UNDO_BODY.size + path_len + old_len:
+        raise JournalError("undo record truncated")
     if zlib.crc32(body) != crc:
         raise JournalError("undo record torn (checksum): the write had not started")
-    ino, offset, old_size, path_len, old_len = UNDO_BODY.unpack_from(body)
-    if len(body) != UNDO_BODY.size + path_len + old_len or offset + old_len > _MAX_OFF \
-            or old_size > _MAX_OFF:
+    if offset + old_len > _MAX_OFF or old_size > _MAX_OFF:
         raise JournalError("undo record lengths are inconsistent")
     pos = UNDO_BODY.size
     path = os.fsdecode(body[pos:pos + path_len])

@@ -186,3 +186,21 @@ def test_a_torn_intent_is_reported_and_ignored(tree):
     assert len(lines) == 1 and "torn intent" in lines[0]
     assert read(a) == b"A" and not os.path.exists(b)
     assert j.pending() == []
+
+
+def test_a_short_undo_record_after_a_long_one_is_still_replayed(tree):
+    """The record is rewritten in place: a short one leaves the tail of a longer earlier
+    one behind it, which must not make it look torn."""
+    root, j = tree
+    f = os.path.join(root, b"f")
+    put(f, b"o" * 300_000)
+    old = read(f)
+    j.undo_before_write(f, os.lstat(f).st_ino, 0, old[:200_000], 300_000)
+    j.write_done()
+    j.undo_before_write(f, os.lstat(f).st_ino, 100, old[100:200], 300_000)
+    with open(f, "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"N" * 50)  # the kill cut this write short
+    lines = j.replay()
+    assert len(lines) == 1 and "ignored" not in lines[0], lines
+    assert read(f) == old
