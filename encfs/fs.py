@@ -1023,6 +1023,12 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        # The kernel asks for security.capability before every write(2): answer a known
+        # absence first, without any other lookup (it is remembered per inode until we
+        # set the attribute ourselves).
+        node = self.nodes.get(inode)
+        if name == CAPABILITY_XATTR and node is not None and node.no_caps:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if name == self.DIR_KEY_XATTR and stat.S_ISDIR(self._stat(inode).st_mode):
             key = self._dir_key(inode)
             if key is None:
@@ -1033,12 +1039,7 @@ class EncFS(pyfuse3.Operations):
         if inode == ROOT and name == self.CONTROL_XATTR_MAX_WRITE:
             return str(self.max_write_seen).encode()
         kind = self._check_xattr_name(name, setting=False)
-        # Absent attributes (the common case: the kernel asks for security.capability
-        # before every write) are answered without touching the key; for that one name
-        # the answer is remembered per inode until we set it ourselves.
-        node = self.nodes.get(inode)
-        if name == CAPABILITY_XATTR and node is not None and node.no_caps:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # Absent attributes are answered without touching the key.
         try:
             blob = self._xattr_call(inode, os.getxattr, name)
         except OSError as e:
