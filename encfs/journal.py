@@ -71,6 +71,12 @@ class Journal:
         self._seq = 0
         self._undo_fd: int | None = None
         self._undo_map: mmap.mmap | None = None
+        #: Store undo records into a shared mapping of their file instead of pwrite. Only
+        #: where nobody but the daemon's uid and root, who could as well kill the daemon,
+        #: can truncate the file under the mapping (a store beyond the end of a mapped file
+        #: is a SIGBUS): a local filesystem, and a journal dir that is ours alone. On a
+        #: network filesystem its server could; there every record is a pwrite.
+        self.map_undo = _private_local_dir(self.dir)
         self._intent_fd: int | None = None
         self._slot_busy = False
         try:
@@ -141,30 +147,43 @@ class Journal:
         for every write (binary; `write_done` clears its magic), because creating a file
         per write would cost more than the write.
 
-        The file is mapped (MAP_SHARED), so recording and clearing are stores into the
-        page cache, not syscalls: what the daemon stored survives its death like a
-        `pwrite` would, and a kill in the middle of the copy leaves a prefix, which the
-        CRC shows as torn (the data write had not started).
+        Where it is safe (`map_undo`), the file is mapped (MAP_SHARED), so recording and
+        clearing are stores into the page cache, not syscalls: what the daemon stored
+        survives its death like a `pwrite` would, and a kill in the middle of the copy
+        leaves a prefix, which the CRC shows as torn (the data write had not started).
         """
         body = UNDO_BODY.pack(ino, offset, old_size, len(path), len(old)) + path + old
         record = UNDO_MAGIC + struct.pack(">I", zlib.crc32(body)) + body
-        if self._undo_map is None or len(record) > len(self._undo_map):
-            self._map_undo(len(record))
-        self._undo_map[:len(record)] = record
+        if self._undo_fd is None:
+            self._undo_fd = self._slot(UNDO_NAME)
+        if self.map_undo and (self._undo_map is not None and len(record) <= len(self._undo_map)
+                              or self._map(len(record))):
+            self._undo_map[:len(record)] = record
+        else:
+            os.pwrite(self._undo_fd, record, 0)
 
     def write_done(self) -> None:
         """The write finished: its undo record must never be replayed."""
-        self._undo_map[:len(UNDO_MAGIC)] = bytes(len(UNDO_MAGIC))
+        if self._undo_map is not None:
+            self._undo_map[:len(UNDO_MAGIC)] = bytes(len(UNDO_MAGIC))
+        else:
+            os.pwrite(self._undo_fd, bytes(len(UNDO_MAGIC)), 0)
 
-    def _map_undo(self, size: int) -> None:
-        if self._undo_fd is None:
-            self._undo_fd = self._slot(UNDO_NAME)
+    def _map(self, size: int) -> bool:
+        """Map at least ``size`` bytes of the undo file (sparse: only the pages written
+        take space). False, and pwrite from then on, where shared mappings fail."""
         if self._undo_map is not None:
             self._undo_map.close()
-        size = max(UNDO_MAP_MIN, 1 << (size - 1).bit_length())
-        if os.fstat(self._undo_fd).st_size < size:
-            os.ftruncate(self._undo_fd, size)  # sparse: only the pages written take space
-        self._undo_map = mmap.mmap(self._undo_fd, size)
+            self._undo_map = None
+        length = max(UNDO_MAP_MIN, 1 << (size - 1).bit_length())
+        try:
+            if os.fstat(self._undo_fd).st_size < length:
+                os.ftruncate(self._undo_fd, length)
+            self._undo_map = mmap.mmap(self._undo_fd, length)
+        except (OSError, ValueError):
+            self.map_undo = False
+            return False
+        return True
 
     # --- recording ----------------------------------------------------------------------
 
@@ -235,6 +254,17 @@ class Journal:
         self._undo_fd = self._intent_fd = None
         self._slot_busy = False
         return done
+
+
+def _private_local_dir(path: bytes) -> bool:
+    from .mounts import LOCAL_FSTYPES, fs_type_of
+    try:
+        st = os.stat(path)
+        fstype = fs_type_of(path)
+    except OSError:
+        return False
+    return (st.st_uid == os.geteuid() and not st.st_mode & 0o022
+            and fstype in LOCAL_FSTYPES)
 
 
 def _show(path: bytes | str) -> str:

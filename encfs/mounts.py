@@ -63,3 +63,22 @@ def device_of_mountpoint(mountpoint: str) -> str | None:
             if _unescape(fields[4]) == mountpoint and fields[sep + 1] == FSTYPE:
                 found = fields[2]
     return found
+
+
+#: Filesystems whose files only processes on this machine can change.
+LOCAL_FSTYPES = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "jfs", "reiserfs",
+                 "bcachefs", "zfs"}
+
+
+def fs_type_of(path: str | bytes) -> str | None:
+    """The type of the filesystem that holds ``path`` (from /proc/self/mountinfo)."""
+    real = os.path.realpath(os.fsdecode(path))
+    best, best_type = "", None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = _unescape(fields[4])
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, best_type = point, fields[fields.index("-") + 1]
+    return best_type

@@ -204,3 +204,31 @@ def test_a_short_undo_record_after_a_long_one_is_still_replayed(tree):
     lines = j.replay()
     assert len(lines) == 1 and "ignored" not in lines[0], lines
     assert read(f) == old
+
+
+def test_undo_records_are_stores_into_a_mapping_in_a_private_local_dir(tree):
+    root, j = tree
+    assert j.map_undo  # a journal dir of ours alone, on a local filesystem
+    f = os.path.join(root, b"f")
+    put(f, b"o" * 100)
+    j.undo_before_write(f, os.lstat(f).st_ino, 0, b"o" * 99 + b"x", 100)
+    assert os.path.getsize(os.path.join(j.dir, b"inflight-write")) >= 2 << 20
+    put(f, b"N" * 100)  # the write, then a kill before write_done
+    assert len(j.pending()) == 1
+    j.replay()
+    assert read(f) == b"o" * 99 + b"x"
+
+
+def test_undo_records_use_pwrite_where_others_could_truncate_the_file(tmp_path):
+    root = bytes(tmp_path)
+    ctl = os.path.join(root, b".encfs")
+    os.makedirs(os.path.join(ctl, b"journal"))
+    os.chmod(os.path.join(ctl, b"journal"), 0o777)
+    j = Journal(ctl)
+    assert not j.map_undo
+    f = os.path.join(root, b"f")
+    put(f, b"o" * 100)
+    j.undo_before_write(f, os.lstat(f).st_ino, 0, b"o" * 100, 100)
+    assert len(j.pending()) == 1
+    j.replay()
+    assert read(f) == b"o" * 100
