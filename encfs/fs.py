@@ -654,6 +654,7 @@ class EncFS(pyfuse3.Operations):
         node.cipher = BlockCipher(dek, record.file_id, node.block_size)
         node.xattr = xa.XattrCipher(dek, record.file_id)
         node.dir_dirty = True
+        node.no_caps = True  # just created: the kernel's check before its first write is free
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=self.keep_cache), self._attr(st, node.ino)
 
     @_fuse_errors

@@ -24,6 +24,7 @@ from kms.client import KmsClient, KmsError
 from . import backing as bk
 from . import format as fmt
 from .mounts import mount_of_backing
+from .spares import SPARE_PREFIX
 from .offline import Pair, bad_blocks, kms_client, read_data_header, read_record, unwrap
 
 EXIT_CLEAN, EXIT_REPAIRED, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 4, 8
@@ -210,7 +211,28 @@ class Fsck:
         return os.path.dirname(path) == bk.control_path(self.backing, bk.TMP_DIR)
 
     def _check_temp_files(self) -> None:
-        for path in self._temp_files():
+        paths = self._temp_files()
+        spares = [p for p in paths if os.path.basename(p).startswith(SPARE_PREFIX)
+                  and stat.S_ISREG(os.lstat(p).st_mode)]
+        if spares:
+            # Hundreds or thousands of them after an unclean stop: one line, not one each.
+            p = self.report.add("spare-files", self._rel(os.path.dirname(spares[0])),
+                                f"{len(spares)} spare sidecar file(s) of a mount that did not "
+                                "stop cleanly (harmless; the next mount removes them too)")
+            if self.repair:
+                failed = 0
+                for path in spares:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        failed += 1
+                if failed:
+                    p.detail += f"; cannot remove {failed} of them"
+                else:
+                    p.repaired = "removed"
+        for path in paths:
+            if path in spares:
+                continue
             p = self.report.add("temp-file", self._rel(path), "leftover temporary file of "
                                 "an interrupted write")
             if self.repair:

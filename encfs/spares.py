@@ -31,6 +31,7 @@ import threading
 
 log = logging.getLogger(__name__)
 
+SPARE_PREFIX = b"s-"  # names of spares in the control dir's tmp/ (fsck knows them)
 POOL_SIZE = 64  # spares created ahead; a larger burst of creates falls back to direct creation
 RECYCLE_MAX = 4096  # spares kept from removed files (a 4 KiB block each: 16 MiB at most)
 RECYCLE_BATCH = 64  # recycled sidecars the thread zeroes per wake-up
@@ -90,7 +91,7 @@ class SparePool:
         return True
 
     def _new_path(self) -> bytes:
-        return os.path.join(self.directory, b"s-" + secrets.token_hex(8).encode())
+        return os.path.join(self.directory, SPARE_PREFIX + secrets.token_hex(8).encode())
 
     def _reuse(self, path: bytes) -> None:
         """Make a recycled sidecar an empty-looking spare: zeros over the old record, the

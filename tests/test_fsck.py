@@ -85,6 +85,8 @@ def test_fsck_moves_unrepairable_to_lost_found_and_keeps_bytes(populated):
     raw[fmt.block_offset(3, BS) + 100] ^= 1
     open(f"{b}/dir/c", "wb").write(raw)
     open(f"{b}/.encfs/tmp/t-leftover", "wb").write(b"partial")
+    for i in range(300):  # a crashed mount's spare sidecar inodes
+        open(f"{b}/.encfs/tmp/s-{i:016x}", "wb").close()
     with open(f"{b}/orphan{S}", "wb") as f:
         f.write(open(f"{b}/a{S}", "rb").read())  # a second copy whose data file is gone
     os.unlink(f"{b}/a{S}")
@@ -93,6 +95,8 @@ def test_fsck_moves_unrepairable_to_lost_found_and_keeps_bytes(populated):
     got = kinds(report)
     assert ("bad-block", "dir/c") in got and ("temp-file", ".encfs/tmp/t-leftover") in got
     assert ("missing-sidecar", "a") in got
+    spares = [p for p in report["problems"] if p["kind"] == "spare-files"]
+    assert len(spares) == 1 and spares[0]["detail"].startswith("300 spare")  # one line
     bad = next(p for p in report["problems"] if p["kind"] == "bad-block")
     assert "block 3" in bad["detail"]
     report = fsck_json(m, "--repair")
@@ -100,6 +104,7 @@ def test_fsck_moves_unrepairable_to_lost_found_and_keeps_bytes(populated):
     assert open(f"{b}/lost+found/dir%c", "rb").read() == bytes(raw)  # every byte kept
     assert os.path.exists(f"{b}/lost+found/dir%c{S}")
     assert not os.path.exists(f"{b}/.encfs/tmp/t-leftover")
+    assert os.listdir(f"{b}/.encfs/tmp") == []
     assert fsck_json(m, rc=0)["problems"] == []
     m.mount()
     assert open(f"{m.mountpoint}/a", "rb").read() == contents["a"]
