@@ -45,8 +45,11 @@ class SparePool:
         self.directory = directory
         self.size = size
         self.recycle_max = recycle_max
+        # At most ``size`` spares are held open (the daemon's fd limit is for user files);
+        # recycled sidecars wait as paths, first to be zeroed, then to be opened.
         self._ready: collections.deque[tuple[int, bytes]] = collections.deque()
         self._recycled: collections.deque[bytes] = collections.deque()  # not zeroed yet
+        self._zeroed: collections.deque[bytes] = collections.deque()
         self._wanted = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -72,7 +75,8 @@ class SparePool:
     def recycle(self, sidecar: bytes) -> bool:
         """Move the sidecar of a data file that was just unlinked (its only link) into the
         pool. False when the pool is full or not running: the caller removes it."""
-        if self._thread is None or len(self._ready) + len(self._recycled) >= self.recycle_max:
+        if self._thread is None or (len(self._ready) + len(self._recycled) + len(self._zeroed)
+                                    >= self.recycle_max):
             return False
         try:
             st = os.lstat(sidecar)
@@ -93,20 +97,24 @@ class SparePool:
     def _new_path(self) -> bytes:
         return os.path.join(self.directory, SPARE_PREFIX + secrets.token_hex(8).encode())
 
-    def _reuse(self, path: bytes) -> None:
-        """Make a recycled sidecar an empty-looking spare: zeros over the old record, the
-        daemon's owner and mode 0600. One with other links is not ours to overwrite."""
+    def _open_spare(self, path: bytes, zero: bool) -> int | None:
+        """Open a recycled sidecar as a spare: a regular file with no other link (one with
+        other links is not ours to overwrite), owned by the daemon, mode 0600, and with
+        ``zero`` its old record overwritten with zeros. None (and the path removed) when
+        it is not fit."""
         fd = None
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 raise OSError("not a spare")
-            os.pwrite(fd, bytes(st.st_size), 0)
-            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(fd, os.geteuid(), os.getegid())
-            if stat.S_IMODE(st.st_mode) != 0o600:
-                os.fchmod(fd, 0o600)
+            if zero:
+                os.pwrite(fd, bytes(st.st_size), 0)
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    os.fchown(fd, os.geteuid(), os.getegid())
+                if stat.S_IMODE(st.st_mode) != 0o600:
+                    os.fchmod(fd, 0o600)
+            return fd
         except OSError:
             if fd is not None:
                 os.close(fd)
@@ -114,26 +122,40 @@ class SparePool:
                 os.unlink(path)
             except OSError:
                 pass
-            return
-        self._ready.append((fd, path))
+            return None
+
+    def _next_spare(self) -> tuple[int, bytes] | None:
+        """A zeroed recycled sidecar, else a new empty file (an inode allocation)."""
+        while self._zeroed:
+            path = self._zeroed.popleft()
+            fd = self._open_spare(path, zero=False)
+            if fd is not None:
+                return fd, path
+        path = self._new_path()
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, 0o600), path
+        except OSError as e:
+            # Full disk, no inodes, a damaged control dir: the FUSE thread creates
+            # sidecars directly, and reports whatever error that gets.
+            log.debug("no spare created in %s: %s", self.directory, e.strerror)
+            return None
 
     def _fill(self) -> None:
         while True:
             self._wanted.wait()
             self._wanted.clear()
             while not self._stopping and self._recycled:
-                self._reuse(self._recycled.popleft())
+                path = self._recycled.popleft()
+                fd = self._open_spare(path, zero=True)
+                if fd is not None:
+                    os.close(fd)
+                    self._zeroed.append(path)
             while not self._stopping and len(self._ready) < self.size:
-                path = self._new_path()
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o600)
-                except OSError as e:
-                    # Full disk, no inodes, a damaged control dir: the FUSE thread creates
-                    # sidecars directly, and reports whatever error that gets.
-                    log.debug("no spare created in %s: %s", self.directory, e.strerror)
+                spare = self._next_spare()
+                if spare is None:
                     break
-                self._ready.append((fd, path))
+                self._ready.append(spare)
             if self._stopping:
                 return
 
@@ -148,8 +170,9 @@ class SparePool:
             fd, path = self._ready.popleft()
             os.close(fd)
             self._recycled.append(path)
-        while self._recycled:
-            try:
-                os.unlink(self._recycled.popleft())
-            except OSError:
-                pass
+        for paths in (self._recycled, self._zeroed):
+            while paths:
+                try:
+                    os.unlink(paths.popleft())
+                except OSError:
+                    pass

@@ -52,31 +52,65 @@ def test_stop_removes_every_spare(pool, tmp_path):
     assert pool.take() is None
 
 
+def wait_for(cond) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, "the pool thread did not get there"
+        time.sleep(0.01)
+
+
 def test_a_recycled_sidecar_is_zeroed_and_made_private_before_reuse(tmp_path):
-    pool = SparePool(bytes(tmp_path / "spares"), size=0, recycle_max=16)
     os.mkdir(tmp_path / "spares")
+    pool = SparePool(bytes(tmp_path / "spares"), size=16, recycle_max=32)
     pool.start()
     try:
+        wait_ready(pool, 16)  # fresh ones first
+        assert pool.recycle(bytes(tmp_path / "missing.sfskey"))  # nothing to remove
         sides = []
-        for i in range(64):  # one batch: the thread zeroes them in one go
+        for i in range(17):
             side = tmp_path / f"f{i}.sfskey"
             side.write_bytes(b"wrapped DEK" * 10)
             os.chmod(side, 0o644)
             sides.append(side)
-        assert pool.recycle(bytes(tmp_path / "missing.sfskey"))  # nothing to remove
         for side in sides[:16]:
             assert pool.recycle(bytes(side))
             assert not side.exists()
         assert not pool.recycle(bytes(sides[16]))  # the pool is full: the caller unlinks
-        pool._wanted.set()
-        wait_ready(pool, 16)
-        for _ in range(16):
-            fd, path = pool.take()
+        pool._wanted.set()  # (fewer than a batch: wake the thread by hand)
+        wait_for(lambda: len(pool._zeroed) == 16)
+        for path in pool._zeroed:  # zeroed at once, while they wait to be used
+            assert open(path, "rb").read() == bytes(110)
+        taken = []
+        for _ in range(32):
+            wait_for(lambda: pool._ready)
+            taken.append(pool.take())
+        recycled = [(fd, path) for fd, path in taken if os.fstat(fd).st_size == 110]
+        assert len(recycled) == 16
+        for fd, path in taken:
             st = os.fstat(fd)
             assert stat.S_IMODE(st.st_mode) == 0o600
-            assert os.pread(fd, 1000, 0) == bytes(110)
+            assert os.pread(fd, 1000, 0) == bytes(st.st_size)
             os.close(fd)
             os.unlink(path)  # a taken spare is the caller's
+    finally:
+        pool.stop()
+    assert os.listdir(tmp_path / "spares") == []
+
+
+def test_recycled_sidecars_wait_as_paths_not_open_files(tmp_path):
+    """Thousands may be recycled: only the pool's size is ever held open."""
+    os.mkdir(tmp_path / "spares")
+    pool = SparePool(bytes(tmp_path / "spares"), size=8, recycle_max=1000)
+    pool.start()
+    try:
+        wait_ready(pool, 8)
+        for i in range(500):
+            side = tmp_path / f"f{i}.sfskey"
+            side.write_bytes(b"k" * 1040)
+            assert pool.recycle(bytes(side))
+        pool._wanted.set()
+        wait_for(lambda: not pool._recycled)
+        assert len(pool._ready) == 8 and len(pool._zeroed) == 500
     finally:
         pool.stop()
     assert os.listdir(tmp_path / "spares") == []
