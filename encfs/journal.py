@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import renameat2 as _r2
+from .mounts import LOCAL_FSTYPES, fs_type_of
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,6 @@ class Journal:
 
 
 def _private_local_dir(path: bytes) -> bool:
-    from .mounts import LOCAL_FSTYPES, fs_type_of
     try:
         st = os.stat(path)
         fstype = fs_type_of(path)

@@ -51,18 +51,24 @@ def backing_path_of(path: str) -> str:
     return os.path.normpath(os.path.join(best.backing, os.path.relpath(real, best.mountpoint)))
 
 
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, filesystem type, "major:minor") of every mount, oldest first."""
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]  # optional fields end with a lone "-"
+            rows.append((_unescape(fields[4]), fstype, fields[2]))
+    return rows
+
+
 def device_of_mountpoint(mountpoint: str) -> str | None:
     """The "major:minor" of the newest encfs mount on ``mountpoint``, found without a
     stat(2), which a daemon cannot do on its own mount before it serves requests."""
     mountpoint = os.path.abspath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")  # optional fields end with a lone "-"
-            if _unescape(fields[4]) == mountpoint and fields[sep + 1] == FSTYPE:
-                found = fields[2]
-    return found
+    found = [dev for point, fstype, dev in _mountinfo()
+             if point == mountpoint and fstype == FSTYPE]
+    return found[-1] if found else None
 
 
 #: Filesystems whose files only processes on this machine can change.
@@ -74,11 +80,8 @@ def fs_type_of(path: str | bytes) -> str | None:
     """The type of the filesystem that holds ``path`` (from /proc/self/mountinfo)."""
     real = os.path.realpath(os.fsdecode(path))
     best, best_type = "", None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = _unescape(fields[4])
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, best_type = point, fields[fields.index("-") + 1]
+    for point, fstype, _ in _mountinfo():
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, fstype
     return best_type

@@ -247,6 +247,22 @@ def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
 
 
 @contextlib.contextmanager
+def temporary_mount(kms: KmsServer, prefix: str = "encfs-", key: str = "sfs/default",
+                    extra_args: list[str] | None = None) -> Iterator[EncryptedMount]:
+    """A fresh backing dir in a new temp dir, mounted against ``kms``; unmounted (its
+    daemon stopped) and removed on exit, also when the body fails."""
+    workdir = _short_tempdir(prefix)
+    try:
+        m = make_mount(kms, workdir, key=key, extra_args=extra_args)
+        try:
+            yield m
+        finally:
+            m.unmount()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def mount_with_own_kms(prefix: str = "encfs-", extra_args: list[str] | None = None,
                        shared: bool = False) -> Iterator[EncryptedMount]:
     """A KMS and a mount of their own in a fresh temp dir, all gone on exit; for
@@ -274,10 +290,5 @@ def encrypted_mount(kms_server: KmsServer) -> Iterator[EncryptedMount]:
 
     Unmounted, and its daemon stopped, in teardown even when the test fails.
     """
-    workdir = _short_tempdir("encfs-")
-    m = make_mount(kms_server, workdir)
-    try:
+    with temporary_mount(kms_server) as m:
         yield m
-    finally:
-        m.unmount()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount, running_kms
+from encfs.pytest_plugin import running_kms, temporary_mount
 
 pytestmark = pytest.mark.fuse
 
@@ -33,13 +32,8 @@ def kms():
 
 @pytest.fixture
 def m(kms):
-    work = _short_tempdir("encfs-tm-")
-    mount = make_mount(kms, work)
-    try:
+    with temporary_mount(kms, "encfs-tm-") as mount:
         yield mount
-    finally:
-        mount.unmount()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def put(m, name: str, data: bytes) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount
+from encfs.pytest_plugin import temporary_mount
 from encfs.keys import key_version
 
 S = fmt.SIDECAR_SUFFIX
@@ -107,13 +106,8 @@ def test_rotate_rewrap_rotate(encrypted_mount):
 def tenant_mount(kms_server):
     """A mount whose new files use a customer key (default keys cannot be disabled)."""
     kms_server.client.create_key("tenant-a")
-    work = _short_tempdir("encfs-")
-    m = make_mount(kms_server, work, key="tenant-a")
-    try:
+    with temporary_mount(kms_server, key="tenant-a") as m:
         yield m
-    finally:
-        m.unmount()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.fuse
