@@ -29,9 +29,18 @@ from kms.paths import DEFAULT_PROJECT_ID
 START_TIMEOUT = 20.0
 
 
-def _short_tempdir(prefix: str) -> str:
-    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+TEMP_ROOT_ENV = "ENCFS_TEST_TMPDIR"
+
+
+def short_tempdir(prefix: str) -> str:
+    """A new private temp dir with a short path (Unix socket paths are limited to 107 bytes;
+    pytest's tmp_path can be longer), under the test run's own root when one is set
+    (``ENCFS_TEST_TMPDIR``, see tests/conftest.py), so that checks for leftovers look only
+    at what this run made."""
+    root = os.environ.get(TEMP_ROOT_ENV)
+    if not root or len(root) > 40 or not os.path.isdir(root):
+        root = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=root)
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -138,7 +147,7 @@ def start_kms_server(workdir: str | None = None, project_id: str = DEFAULT_PROJE
                      extra_args: list[str] | None = None,
                      env: dict[str, str] | None = None) -> KmsServer:
     """Start ``kms serve`` in a fresh directory; the caller must call ``.stop()``."""
-    workdir = workdir or _short_tempdir("kms-")
+    workdir = workdir or short_tempdir("kms-")
     os.makedirs(workdir, exist_ok=True)
     server = KmsServer(socket_path=os.path.join(workdir, "kms.sock"),
                        data_dir=os.path.join(workdir, "data"), project_id=project_id,
@@ -151,7 +160,7 @@ def start_kms_server(workdir: str | None = None, project_id: str = DEFAULT_PROJE
 @contextlib.contextmanager
 def running_kms(prefix: str = "kms-") -> Iterator[KmsServer]:
     """A KMS daemon in a fresh temp dir, stopped and removed on exit (any fixture scope)."""
-    workdir = _short_tempdir(prefix)
+    workdir = short_tempdir(prefix)
     server = start_kms_server(workdir)
     try:
         yield server
@@ -251,7 +260,7 @@ def temporary_mount(kms: KmsServer, prefix: str = "encfs-", key: str = "sfs/defa
                     extra_args: list[str] | None = None) -> Iterator[EncryptedMount]:
     """A fresh backing dir in a new temp dir, mounted against ``kms``; unmounted (its
     daemon stopped) and removed on exit, also when the body fails."""
-    workdir = _short_tempdir(prefix)
+    workdir = short_tempdir(prefix)
     try:
         m = make_mount(kms, workdir, key=key, extra_args=extra_args)
         try:
@@ -268,7 +277,7 @@ def mount_with_own_kms(prefix: str = "encfs-", extra_args: list[str] | None = No
     """A KMS and a mount of their own in a fresh temp dir, all gone on exit; for
     module-scoped fixtures. ``shared``: the temp dir is reachable by other uids (for
     ``-o allow_other`` tests)."""
-    workdir = _short_tempdir(prefix)
+    workdir = short_tempdir(prefix)
     if shared:
         os.chmod(workdir, 0o755)
     os.mkdir(os.path.join(workdir, "kms"), 0o700)

@@ -4,8 +4,12 @@ package's pytest plugin, exactly as users of encfs get them."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
+
+from encfs.pytest_plugin import TEMP_ROOT_ENV
 
 FUSE_FIXTURES = {"encrypted_mount"}
 
@@ -32,15 +36,31 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"FUSE test skipped where FUSE is required: {report.longrepr}"
 
 
-def fuse_mounts_under_tmp() -> list[str]:
-    """FUSE mounts in the temp dirs the fixtures use (never anything the user mounted)."""
-    with open("/proc/mounts") as f:
-        return [line.split()[1] for line in f
-                if line.split()[2].startswith("fuse") and line.split()[1].startswith("/tmp/")]
+def pytest_configure(config):
+    # Every temp dir of this run (fixtures, daemons, mounts) lives under one root of its
+    # own, so the leftover checks judge only what this run made: the user's own mounts,
+    # and other test runs on the same machine, are none of its business. 0755 so that the
+    # multi-user tests' other uids can reach their dirs below it.
+    if TEMP_ROOT_ENV not in os.environ:
+        root = tempfile.mkdtemp(prefix="encfs-run-", dir="/tmp")
+        os.chmod(root, 0o755)
+        os.environ[TEMP_ROOT_ENV] = root
+        config._encfs_temp_root = root
+
+
+def fuse_mounts_of_this_run() -> list[str]:
+    """FUSE mounts below this run's temp root (never anything the user mounted)."""
+    root = os.environ[TEMP_ROOT_ENV].rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f
+                  if line.split(" - ")[1].split()[0].startswith("fuse")]
+    return [p for p in points if p.startswith(root)]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    leftovers = fuse_mounts_under_tmp()
+    leftovers = fuse_mounts_of_this_run()
     if leftovers:
         print(f"\nERROR: FUSE mounts left behind by the tests: {leftovers}")
         session.exitstatus = 1
+    elif getattr(session.config, "_encfs_temp_root", None):
+        shutil.rmtree(session.config._encfs_temp_root, ignore_errors=True)

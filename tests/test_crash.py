@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, make_mount
+from encfs.pytest_plugin import short_tempdir, make_mount
 
 RUNS = int(os.environ.get("ENCFS_CRASH_RUNS", "30"))
 WORKLOAD = os.path.join(os.path.dirname(__file__), "crash_workload.py")
@@ -101,7 +101,7 @@ def start_workload(mnt: str, log_path: str, seed: int) -> subprocess.Popen:
 @pytest.mark.fuse
 def test_sigkill_filesystem_at_random_moments(kms_server):
     for seed in range(RUNS):
-        work = _short_tempdir("encfs-crash-")
+        work = short_tempdir("encfs-crash-")
         log_path = os.path.join(work, "steps.jsonl")
         m = make_mount(kms_server, work)
         proc = None
@@ -131,7 +131,7 @@ def test_sigkill_filesystem_at_random_moments(kms_server):
 
 @pytest.mark.fuse
 def test_sigkill_kms_at_random_moments(kms_server):
-    work = _short_tempdir("encfs-crash-")
+    work = short_tempdir("encfs-crash-")
     m = make_mount(kms_server, work, extra_args=["--key-cache-ttl", "0"])
     try:
         for seed in range(RUNS):

@@ -11,13 +11,13 @@ import time
 import pytest
 
 from encfs.keys import POOL_SIZE
-from encfs.pytest_plugin import _short_tempdir, make_mount
+from encfs.pytest_plugin import short_tempdir, make_mount
 
 
 @pytest.fixture
 def small_backing_mount(kms_server):
     """A mount whose backing dir is an 8 MiB tmpfs."""
-    work = _short_tempdir("encfs-")
+    work = short_tempdir("encfs-")
     backing = os.path.join(work, "backing")
     os.makedirs(backing)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", backing],

@@ -21,12 +21,11 @@ import os
 import random
 import shutil
 import stat
-import tempfile
 from collections import deque
 
 import pytest
 
-from encfs.pytest_plugin import make_mount, running_kms
+from encfs.pytest_plugin import short_tempdir, make_mount, running_kms
 
 pytestmark = pytest.mark.fuse
 
@@ -238,7 +237,7 @@ class Fsx:
 
 
 def run_fsx(kms, ops: int, seed: int, extra: list[str], drop_cache_every: int) -> None:
-    workdir = tempfile.mkdtemp(prefix="encfs-fsx-", dir="/tmp")
+    workdir = short_tempdir("encfs-fsx-")
     ref_root = os.path.join(workdir, "ref")
     os.makedirs(os.path.join(ref_root, "sub"))
     m = make_mount(kms, workdir, extra_args=extra)

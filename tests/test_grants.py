@@ -17,7 +17,7 @@ import time
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, run_as_uid, start_kms_server
+from encfs.pytest_plugin import short_tempdir, run_as_uid, start_kms_server
 from kms.client import KmsClient
 
 A, B = 4242, 4243
@@ -36,7 +36,7 @@ def as_uid(uid: int, fn):
 
 @pytest.fixture
 def shared():
-    work = _short_tempdir("encfs-grant-")
+    work = short_tempdir("encfs-grant-")
     os.chmod(work, 0o755)
     kms = start_kms_server(f"{work}/kms", extra_args=["--socket-mode", "0666"])
     os.chmod(f"{work}/kms", 0o755)

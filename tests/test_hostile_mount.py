@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
+from encfs.pytest_plugin import short_tempdir, make_mount, start_kms_server
 
 pytestmark = pytest.mark.fuse
 
@@ -150,7 +150,7 @@ def _tamper(w: World) -> None:
 @pytest.fixture(scope="module")
 def world():
     w = World()
-    work = _short_tempdir("encfs-hostile-")
+    work = short_tempdir("encfs-hostile-")
     kms = start_kms_server(os.path.join(work, "kms"))
     w.m = None
     try:

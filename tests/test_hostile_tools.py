@@ -20,7 +20,7 @@ import pytest
 from encfs import backing as bk
 from encfs import format as fmt
 from encfs import mount as encfs_mount
-from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
+from encfs.pytest_plugin import short_tempdir, make_mount, start_kms_server
 
 S = fmt.SIDECAR_SUFFIX
 NL = b"nl\nforged: line"
@@ -42,7 +42,7 @@ class World:
 @pytest.fixture(scope="module")
 def world():
     w = World()
-    work = _short_tempdir("encfs-hostile-tools-")
+    work = short_tempdir("encfs-hostile-tools-")
     w.kms = start_kms_server(os.path.join(work, "kms"))
     m = None
     try:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
+from encfs.pytest_plugin import short_tempdir, make_mount, start_kms_server
 
 
 def kms_cli(m, *args) -> str:
@@ -50,7 +50,7 @@ GRACE = 1.0  # --key-cache-ttl for these tests
 def revocable(request):
     """A KMS with a test clock, and a mount whose new files use a customer key with a
     short grace period (default keys can never be disabled)."""
-    work = _short_tempdir("encfs-keys-")
+    work = short_tempdir("encfs-keys-")
     clock = f"{work}/clock"
     kms = start_kms_server(f"{work}/kms", extra_args=["--test-clock-file", clock])
     m = None

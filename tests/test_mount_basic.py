@@ -329,9 +329,9 @@ def test_backing_dir_made_with_4k_blocks_keeps_them(kms_server):
     import json
     import shutil
 
-    from encfs.pytest_plugin import _short_tempdir, make_mount
+    from encfs.pytest_plugin import short_tempdir, make_mount
 
-    work = _short_tempdir("encfs-")
+    work = short_tempdir("encfs-")
     os.makedirs(f"{work}/backing/.encfs")
     with open(f"{work}/backing/.encfs/config.json", "w") as f:
         json.dump({"format_version": 1, "block_size": 4096}, f)

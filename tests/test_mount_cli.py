@@ -7,10 +7,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
+from encfs.pytest_plugin import short_tempdir
 
 ENCFS = [sys.executable, "-m", "encfs"]
 
@@ -30,7 +30,7 @@ def one_line_error(res: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture
 def dirs():
-    work = tempfile.mkdtemp(prefix="encfs-cli-", dir="/tmp")
+    work = short_tempdir("encfs-cli-")
     backing, mnt = os.path.join(work, "backing"), os.path.join(work, "mnt")
     os.makedirs(backing)
     os.makedirs(mnt)

@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount, run_as_uid, start_kms_server
+from encfs.pytest_plugin import short_tempdir, make_mount, run_as_uid, start_kms_server
 from kms.client import KmsClient
 
 pytestmark = [pytest.mark.fuse,
@@ -38,7 +38,7 @@ def read(path: str) -> bytes:
 @pytest.fixture
 def env():
     """A KMS whose socket others may connect to, and a work dir others may traverse."""
-    work = _short_tempdir("encfs-mu-")
+    work = short_tempdir("encfs-mu-")
     os.chmod(work, 0o711)
     kms_dir = os.path.join(work, "kms")
     os.makedirs(kms_dir)

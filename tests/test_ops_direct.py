@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
 
 import pyfuse3
 import pytest
@@ -17,6 +16,7 @@ from encfs import format as fmt
 from encfs.fs import ROOT, EncFS
 from encfs.keys import KeyManager
 from kms.client import AsyncKmsClient
+from encfs.pytest_plugin import short_tempdir
 
 CTX = pyfuse3.RequestContext()
 BS = fmt.DEFAULT_BLOCK_SIZE
@@ -25,7 +25,7 @@ BS = fmt.DEFAULT_BLOCK_SIZE
 @pytest.fixture
 def run_ops(kms_server):
     """Call ``run_ops(async_fn)``: async_fn(ops, backing) runs with a fresh EncFS."""
-    work = tempfile.mkdtemp(prefix="encfs-ops-", dir="/tmp")
+    work = short_tempdir("encfs-ops-")
     os.makedirs(os.path.join(work, "b"))
     backing, config = bk.open_backing(os.path.join(work, "b"))
     key_id = kms_server.client.resolve_key("sfs/default")["key_id"]

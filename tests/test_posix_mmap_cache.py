@@ -12,12 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
-from encfs.pytest_plugin import make_mount, running_kms
+from encfs.pytest_plugin import short_tempdir, make_mount, running_kms
 
 pytestmark = pytest.mark.fuse
 
@@ -34,7 +33,7 @@ def _mount(kms, workdir: str, *extra: str):
 
 @pytest.fixture(scope="module", params=["default", "shared-backing"])
 def mnt(kms, request):
-    workdir = tempfile.mkdtemp(prefix="encfs-mmap-", dir="/tmp")
+    workdir = short_tempdir("encfs-mmap-")
     extra = ["--shared-backing"] if request.param == "shared-backing" else []
     m = _mount(kms, workdir, *extra)
     try:
@@ -121,7 +120,7 @@ def test_shared_backing_sees_other_writers_at_once(kms):
     renames, deletions, new directories, a file pair replaced by another) show up in the
     mount at once (no attribute, entry or page caching). A second encfs mount of the same
     backing dir is refused by the mount lock."""
-    workdir = tempfile.mkdtemp(prefix="encfs-shared-", dir="/tmp")
+    workdir = short_tempdir("encfs-shared-")
     a = _mount(kms, workdir, "--shared-backing")
     try:
         pa, back = a.mountpoint, a.backing
@@ -154,7 +153,7 @@ def test_shared_backing_sees_other_writers_at_once(kms):
 def test_default_caching_timeouts(kms):
     """Default mounts cache attributes and entries, missing names included, for 1 s: a
     change made in the backing dir behind encfs's back shows within about a second."""
-    workdir = tempfile.mkdtemp(prefix="encfs-cache-", dir="/tmp")
+    workdir = short_tempdir("encfs-cache-")
     m = _mount(kms, workdir)
     try:
         assert not os.path.exists(f"{m.mountpoint}/later")

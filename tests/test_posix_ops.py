@@ -16,14 +16,13 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 from typing import Callable
 
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import mount_with_own_kms
+from encfs.pytest_plugin import short_tempdir, mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 
@@ -43,7 +42,7 @@ def mnt():
 def both(mnt, request):
     """(plain ext4 dir, mount dir): fresh, empty, world-writable, named after the test."""
     name = request.node.name.replace("[", "_").replace("]", "_")
-    ref = tempfile.mkdtemp(prefix="ref-", dir="/tmp")
+    ref = short_tempdir("ref-")
     os.chmod(ref, 0o777)
     mdir = os.path.join(mnt.mountpoint, name)
     os.mkdir(mdir)
@@ -422,7 +421,7 @@ def test_rename_over_open_file_and_hard_link_to_itself(both):
 
 def test_rename_across_mounts_is_exdev(d):
     write(f"{d}/f", b"x")
-    outside = tempfile.mkdtemp(prefix="ref-", dir="/tmp")
+    outside = short_tempdir("ref-")
     try:
         assert err(os.rename, f"{d}/f", f"{outside}/f") == errno.EXDEV
         assert err(os.link, f"{d}/f", f"{outside}/f") == errno.EXDEV

@@ -12,14 +12,13 @@ import os
 import shutil
 import struct
 import subprocess
-import tempfile
 from typing import Callable
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encfs import format as fmt
-from encfs.pytest_plugin import mount_with_own_kms
+from encfs.pytest_plugin import short_tempdir, mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 SUFFIX = fmt.SIDECAR_SUFFIX
@@ -33,7 +32,7 @@ def mnt():
 
 @pytest.fixture
 def both(mnt, request):
-    ref = tempfile.mkdtemp(prefix="ref-", dir="/tmp")
+    ref = short_tempdir("ref-")
     os.chmod(ref, 0o777)
     mdir = os.path.join(mnt.mountpoint, request.node.name)
     os.mkdir(mdir)

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import _short_tempdir, make_mount, start_kms_server
+from encfs.pytest_plugin import short_tempdir, make_mount, start_kms_server
 
 pytestmark = pytest.mark.fuse
 
@@ -32,7 +32,7 @@ def forms(dek: bytes) -> list[bytes]:
 
 
 def test_no_plaintext_dek_in_any_log_output_or_backing_file():
-    work = _short_tempdir("encfs-secrets-")
+    work = short_tempdir("encfs-secrets-")
     kms = start_kms_server(os.path.join(work, "kms"))
     m = None
     outputs: list[bytes] = []

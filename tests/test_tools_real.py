@@ -16,11 +16,10 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import tempfile
 
 import pytest
 
-from encfs.pytest_plugin import mount_with_own_kms
+from encfs.pytest_plugin import short_tempdir, mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 GIT_FILES = 2500
@@ -37,7 +36,7 @@ def mnt():
 
 @pytest.fixture
 def scratch():
-    path = tempfile.mkdtemp(prefix="tools-src-", dir="/tmp")
+    path = short_tempdir("tools-src-")
     try:
         yield path
     finally:

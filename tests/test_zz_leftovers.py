@@ -2,7 +2,7 @@
 
 import os
 
-from conftest import fuse_mounts_under_tmp
+from conftest import fuse_mounts_of_this_run
 
 
 def _proc_info(pid: str) -> tuple[str, str, str] | None:
@@ -32,7 +32,7 @@ def _our_live_daemons() -> list[str]:
 
 
 def test_no_fuse_mount_left_behind():
-    assert fuse_mounts_under_tmp() == []
+    assert fuse_mounts_of_this_run() == []
 
 
 def test_no_daemon_left_behind():

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, run_as_uid, start_kms_server
+from encfs.pytest_plugin import short_tempdir, run_as_uid, start_kms_server
 from kms.client import KmsClient, KmsError
 
 NOBODY = 65534
@@ -33,7 +33,7 @@ def run_as(uid: int, fn):
 
 @pytest.fixture
 def shared_kms():
-    workdir = _short_tempdir("kms-")
+    workdir = short_tempdir("kms-")
     os.chmod(workdir, 0o711)            # nobody may traverse to the socket, not list or read
     server = start_kms_server(workdir, extra_args=["--socket-mode", "666"])
     try:

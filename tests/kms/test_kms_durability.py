@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from encfs.pytest_plugin import short_tempdir, start_kms_server
 from kms.cli import main
 from kms.client import KmsClient, KmsError, KmsUnavailable
 
@@ -69,7 +69,7 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(kms_server):
 
 @pytest.fixture
 def clocked_kms():
-    workdir = _short_tempdir("kms-")
+    workdir = short_tempdir("kms-")
     clock = os.path.join(workdir, "clock")
     server = start_kms_server(workdir, extra_args=["--test-clock-file", clock])
     try:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, run_as_uid, start_kms_server
+from encfs.pytest_plugin import short_tempdir, run_as_uid, start_kms_server
 from kms.client import KmsClient, KmsError
 
 # Short timeouts so that the slow-client tests end quickly; the assertions never depend on them
@@ -27,7 +27,7 @@ WAIT = 30.0     # generous upper bound for "eventually" on a loaded machine
 
 @pytest.fixture(scope="module")
 def hostile_kms():
-    workdir = _short_tempdir("kms-hostile-")
+    workdir = short_tempdir("kms-hostile-")
     os.chmod(workdir, 0o711)            # another uid may reach the socket (test_other_uid_...)
     server = start_kms_server(workdir, extra_args=LIMITS + ["--socket-mode", "666"])
     try:
@@ -357,7 +357,7 @@ def test_per_uid_connection_cap_thousands_of_connections(hostile_kms):
 
 
 def test_global_connection_limit():
-    workdir = _short_tempdir("kms-conns-")
+    workdir = short_tempdir("kms-conns-")
     server = start_kms_server(workdir, extra_args=["--max-connections", "50", "--max-connections-per-uid", "1000"])
     try:
         answers = flood(server, 300)
@@ -395,7 +395,7 @@ def test_other_uid_cannot_use_keys_over_raw_socket(hostile_kms):
 # ---- rate limit ----------------------------------------------------------------------------------
 
 def test_rate_limit_429():
-    workdir = _short_tempdir("kms-rate-")
+    workdir = short_tempdir("kms-rate-")
     server = start_kms_server(workdir, extra_args=["--rate-limit", "1/s"])
     try:
         with connect(server) as s:

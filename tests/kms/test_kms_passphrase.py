@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from encfs.pytest_plugin import short_tempdir, start_kms_server
 from kms.store import ROOT_KEY_FILE, SCRYPT_FILE, Store, StoreError
 
 SMALL_N = 2**10         # fast for the in-process tests; the daemon uses the default (2**17)
@@ -77,7 +77,7 @@ def test_missing_root_key_with_existing_keys_is_refused(tmp_path):
 
 
 def test_daemon_with_passphrase_file_and_env():
-    workdir = _short_tempdir("kms-pass-")
+    workdir = short_tempdir("kms-pass-")
     pw = os.path.join(workdir, "passphrase")
     with open(pw, "w") as f:
         f.write("daemon passphrase\n")

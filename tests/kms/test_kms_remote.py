@@ -11,7 +11,7 @@ import socket
 import pytest
 import trio
 
-from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from encfs.pytest_plugin import short_tempdir, start_kms_server
 from kms import auth
 from kms.cli import main
 from kms.client import AsyncKmsClient, KmsClient, KmsError, KmsUnavailable
@@ -40,7 +40,7 @@ def write_credentials(path: str, rows: list[tuple[str, str, str]], mode: int = 0
 
 @pytest.fixture(scope="module")
 def remote():
-    workdir = _short_tempdir("kms-remote-")
+    workdir = short_tempdir("kms-remote-")
     creds = write_credentials(os.path.join(workdir, "credentials.csv"), [("remoteuser", AK, SK)])
     port = _free_port()
     server = start_kms_server(workdir, project_id=PROJECT,

@@ -7,13 +7,12 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 
 import pytest
 
-from encfs.pytest_plugin import start_kms_server
+from encfs.pytest_plugin import short_tempdir, start_kms_server
 
 pytest.importorskip("huaweicloudsdkkms")
 
@@ -44,7 +43,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tcp_kms():
-    workdir = tempfile.mkdtemp(prefix="kms-sdk-", dir="/tmp")
+    workdir = short_tempdir("kms-sdk-")
     creds = os.path.join(workdir, "credentials.csv")
     with open(creds, "w") as f:
         f.write(f"User Name,Access Key Id,Secret Access Key\nsdkuser,{AK},{SK}\n")

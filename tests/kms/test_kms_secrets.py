@@ -17,7 +17,7 @@ import stat
 
 import pytest
 
-from encfs.pytest_plugin import _short_tempdir, start_kms_server
+from encfs.pytest_plugin import short_tempdir, start_kms_server
 from kms import store as store_mod
 from kms.cli import main
 from kms.client import KmsClient, KmsError
@@ -43,7 +43,7 @@ def assert_clean(name: str, blob: bytes, secrets: dict[str, bytes]) -> None:
 
 
 def test_no_secret_in_logs_audit_outputs_or_errors(capsys):
-    workdir = _short_tempdir("kms-hygiene-")
+    workdir = short_tempdir("kms-hygiene-")
     creds = os.path.join(workdir, "credentials.csv")
     with open(creds, "w") as f:
         f.write(f"User Name,Access Key Id,Secret Access Key\nhyg,{AK},{SK}\n")
