@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl git sqlite3 attr rsync python3-minimal
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl git sqlite3 attr rsync python3-minimal glusterfs-server glusterfs-client
 BACKING ?= data
 MOUNTPOINT ?= mnt
 PYTEST_ARGS ?=

@@ -1,0 +1,122 @@
+"""A real GlusterFS volume in a test's own temp dir, mounted by two clients ("hosts").
+
+Debian's glusterd keeps its state in /var/lib/glusterd for the whole machine, so the
+volume gets a name unique to this process and is deleted at teardown; a glusterd that
+was already running (someone else's) is used and left running, and one we started is
+stopped by the PID in our own pid file. Traffic stays on this machine: the brick's host
+name is this machine's own (it resolves to 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class GlusterVolume:
+    name: str
+    brick: str
+    #: one client mount per simulated host
+    clients: list[str]
+
+
+def _gluster(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    res = subprocess.run(["gluster", "--mode=script", *args], capture_output=True, text=True,
+                         timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"gluster {' '.join(args)} failed ({res.returncode}): "
+                           f"{res.stdout}{res.stderr}")
+    return res
+
+
+def _glusterd_answers() -> bool:
+    return _gluster("pool", "list", check=False, timeout=30).returncode == 0
+
+
+@contextlib.contextmanager
+def _glusterd(workdir: str) -> Iterator[None]:
+    """A glusterd that answers: the machine's own if one runs, else one of ours."""
+    if _glusterd_answers():
+        yield
+        return
+    pidfile = os.path.join(workdir, "glusterd.pid")
+    subprocess.run(["glusterd", "-p", pidfile, f"--log-file={workdir}/glusterd.log"],
+                   check=True, timeout=60)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _glusterd_answers():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"glusterd did not answer within {READY_TIMEOUT}s")
+            time.sleep(0.2)
+        yield
+    finally:
+        _stop_pidfile(pidfile)
+
+
+def _stop_pidfile(pidfile: str) -> None:
+    try:
+        pid = int(open(pidfile).read().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _unmount(path: str) -> None:
+    if os.path.ismount(path) or _in_mount_table(path):
+        if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def _in_mount_table(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+@contextlib.contextmanager
+def gluster_volume(workdir: str, hosts: int = 2) -> Iterator[GlusterVolume]:
+    """A one-brick volume under ``workdir``, mounted ``hosts`` times; all of it gone on
+    exit (client mounts, the volume, and glusterd if this call started it)."""
+    name = f"encfs-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    brick = os.path.join(workdir, "brick")
+    os.makedirs(brick, exist_ok=True)
+    clients = [os.path.join(workdir, f"host-{chr(ord('a') + i)}") for i in range(hosts)]
+    with _glusterd(workdir):
+        # force: the brick is on the root filesystem, which gluster warns about
+        _gluster("volume", "create", name, f"{socket.gethostname()}:{brick}", "force")
+        try:
+            _gluster("volume", "start", name)
+            try:
+                for c in clients:
+                    os.makedirs(c, exist_ok=True)
+                    subprocess.run(["mount", "-t", "glusterfs",
+                                    f"{socket.gethostname()}:/{name}", c],
+                                   check=True, capture_output=True, timeout=60)
+                yield GlusterVolume(name=name, brick=brick, clients=clients)
+            finally:
+                for c in clients:
+                    _unmount(c)
+                _gluster("volume", "stop", name, "force", check=False)
+        finally:
+            _gluster("volume", "delete", name, check=False)
+            shutil.rmtree(brick, ignore_errors=True)
