@@ -7,7 +7,8 @@ Layout (all integers big-endian)::
     2  36  CMK id, ASCII
     38  4  CMK version
     42 12  random nonce
-    54  n  AES-256-GCM(CMK version material, plaintext) with its 16-byte tag
+    54  n  AEAD(CMK version material, plaintext) with its 16-byte tag: AES-256-GCM, or SM4-GCM
+           for SM4 CMKs (the key id says which)
 
 The GCM associated data is the 42-byte header followed by the caller's
 ``additional_authenticated_data`` (UTF-8), so neither the key id, the version, the kind nor
@@ -56,10 +57,15 @@ def _header(kind: int, key_id: str, version: int) -> bytes:
     return struct.pack(">BB36sI", FORMAT_VERSION, kind, kid, version)
 
 
-def seal(kind: int, key_id: str, version: int, material: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
+def _aead(cipher):
+    """``cipher``: the AES-256 key itself, or an AEAD object (AESGCM's interface, e.g. SM4-GCM)."""
+    return AESGCM(cipher) if isinstance(cipher, bytes) else cipher
+
+
+def seal(kind: int, key_id: str, version: int, cipher, plaintext: bytes, aad: bytes = b"") -> bytes:
     header = _header(kind, key_id, version)
     nonce = secrets.token_bytes(NONCE_LEN)
-    return header + nonce + AESGCM(material).encrypt(nonce, plaintext, header + aad)
+    return header + nonce + _aead(cipher).encrypt(nonce, plaintext, header + aad)
 
 
 def parse(blob: bytes, kind: int) -> Header:
@@ -77,9 +83,9 @@ def parse(blob: bytes, kind: int) -> Header:
     return Header(kind=k, key_id=key_id, key_version=version, raw=blob[:HEADER_LEN])
 
 
-def open_(header: Header, blob: bytes, material: bytes, aad: bytes = b"") -> bytes:
+def open_(header: Header, blob: bytes, cipher, aad: bytes = b"") -> bytes:
     nonce = blob[HEADER_LEN:HEADER_LEN + NONCE_LEN]
     try:
-        return AESGCM(material).decrypt(nonce, blob[HEADER_LEN + NONCE_LEN:], header.raw + aad)
+        return _aead(cipher).decrypt(nonce, blob[HEADER_LEN + NONCE_LEN:], header.raw + aad)
     except InvalidTag:
         raise BlobAuthError("ciphertext does not authenticate") from None

@@ -500,8 +500,11 @@ class Server:
                 return self._too_many(caller.label), op, caller, True
             path, _, query_string = target.partition("?")
             parts = path.split("/")
-            if path in ("/", "/v1.0", "/v1.0/") and method == "GET":
-                return Result(200, _versions()), "versions", caller, False
+            if path == "/" and method == "GET":
+                return Result(200, {"versions": [_VERSION]}), "versions", caller, False
+            if path in ("/v1.0", "/v1.0/") and method == "GET":
+                # show_version: one object, Huawei's shape (the SDK model's ``version``)
+                return Result(200, {"version": _VERSION}), "version", caller, False
             if len(parts) < 5 or parts[0] != "" or parts[1] != "v1.0" or parts[3] != "kms" or not parts[4]:
                 raise KmsApiError("KMS.0201", "invalid request URL; expected /v1.0/{project_id}/kms/<operation>")
             project = unquote(parts[2])
@@ -568,9 +571,8 @@ def _printable(text: str) -> str:
                    f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
 
 
-def _versions() -> dict:
-    return {"versions": [{"id": "v1.0", "links": [], "version": "", "status": "CURRENT",
-                          "updated": "2026-01-01T00:00:00Z", "min_version": ""}]}
+_VERSION = {"id": "v1.0", "links": [], "version": "", "status": "CURRENT",
+            "updated": "2026-01-01T00:00:00Z", "min_version": ""}
 
 
 def serve(config: ServerConfig) -> int:

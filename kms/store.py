@@ -11,8 +11,9 @@ each batch is committed before the daemon forgets it, which survives a process k
 (the OS holds the pages); only a machine crash may lose the newest audit rows.
 
 Concurrency: the daemon is one process (an flock on ``lock`` refuses a second one on the same
-data dir), so every key, alias and grant is mirrored in memory and the hot paths
-(create-datakey, decrypt-datakey) never touch SQLite. Writes take ``self._lock``, go to disk,
+data dir), so every key, alias and grant is mirrored in memory, and so is the unwrapped
+material of every live key version (loaded at start, kept up to date by every write): the hot
+paths (create-datakey, decrypt-datakey) never touch SQLite. Writes take ``self._lock``, go to disk,
 then replace the in-memory record; readers see either the old or the new immutable record.
 """
 
@@ -50,6 +51,7 @@ STATE_PENDING_ACTIVATION = 1
 STATE_ENABLED = 2
 STATE_DISABLED = 3
 STATE_PENDING_DELETION = 4
+STATE_PENDING_IMPORT = 5
 
 
 class StoreError(Exception):
@@ -76,6 +78,7 @@ class KeyRecord:
     rotations: int
     current_version: int
     destroyed_ms: int | None        # set when the material was destroyed for good
+    expiration_ms: int | None = None    # imported material: when it is deleted
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,17 @@ class AliasRecord:
 
 
 @dataclass(frozen=True)
+class ImportParams:
+    """One get-parameters-for-import answer: the wrapping key (private half) and the token."""
+
+    key_id: str
+    wrapping_algorithm: str
+    private_key: bytes              # PKCS#8 DER, unwrapped
+    token: str
+    expiry_ms: int
+
+
+@dataclass(frozen=True)
 class AuditRecord:
     time_ms: int
     caller: str
@@ -141,7 +155,8 @@ CREATE TABLE IF NOT EXISTS keys (
     last_rotation_ms INTEGER,
     rotations INTEGER NOT NULL DEFAULT 0,
     current_version INTEGER NOT NULL DEFAULT 1,
-    destroyed_ms INTEGER
+    destroyed_ms INTEGER,
+    expiration_ms INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS keys_owner_alias ON keys(owner, alias) WHERE alias IS NOT NULL;
 CREATE TABLE IF NOT EXISTS key_versions (
@@ -171,6 +186,17 @@ CREATE TABLE IF NOT EXISTS grants (
     retiring_norm TEXT NOT NULL,
     issuer TEXT NOT NULL,
     creation_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS import_params (
+    key_id TEXT PRIMARY KEY REFERENCES keys(key_id),
+    wrapping_algorithm TEXT NOT NULL,
+    wrapped_private BLOB NOT NULL,   -- the wrapping key pair's private key, wrapped by the root key
+    token TEXT NOT NULL,
+    expiry_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS imported_digests (
+    key_id TEXT PRIMARY KEY REFERENCES keys(key_id),
+    digest BLOB NOT NULL             -- SHA-256 of imported material, wrapped: a re-import must match it
 );
 CREATE TABLE IF NOT EXISTS tags (
     key_id TEXT NOT NULL REFERENCES keys(key_id),
@@ -352,7 +378,8 @@ def _row_to_key(r: sqlite3.Row) -> KeyRecord:
         default_key=bool(r["default_key"]), creation_ms=r["creation_ms"], deletion_ms=r["deletion_ms"],
         rotation_enabled=bool(r["rotation_enabled"]), rotation_interval=r["rotation_interval"],
         rotation_anchor_ms=r["rotation_anchor_ms"], last_rotation_ms=r["last_rotation_ms"],
-        rotations=r["rotations"], current_version=r["current_version"], destroyed_ms=r["destroyed_ms"])
+        rotations=r["rotations"], current_version=r["current_version"], destroyed_ms=r["destroyed_ms"],
+        expiration_ms=r["expiration_ms"])
 
 
 def _row_to_grant(r: sqlite3.Row) -> GrantRecord:
@@ -410,6 +437,8 @@ class Store:
         db.execute(f"PRAGMA synchronous={sync}")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(schema)
+        if schema is _KEYS_SCHEMA:
+            _migrate_keys(db)
         for suffix in ("-wal", "-shm"):     # SQLite gives them the mode of the database file
             if os.path.exists(path + suffix):
                 _private_file(path + suffix)
@@ -420,13 +449,24 @@ class Store:
         self._by_alias: dict[tuple[str, str], str] = {}
         self._versions: dict[str, list[VersionRecord]] = {}
         self._material: dict[tuple[str, int], bytes] = {}
+        self._damaged: dict[tuple[str, int], str] = {}
         self._grants: dict[str, GrantRecord] = {}
         self._aliases: dict[tuple[str, str], AliasRecord] = {}
         for r in self._db.execute("SELECT * FROM keys ORDER BY rowid"):
             self._put_key(_row_to_key(r))
-        for r in self._db.execute("SELECT key_id, version, creation_ms FROM key_versions ORDER BY key_id, version"):
+        for r in self._db.execute("SELECT key_id, version, creation_ms, wrapped FROM key_versions "
+                                  "ORDER BY key_id, version"):
             self._versions.setdefault(r["key_id"], []).append(
                 VersionRecord(r["key_id"], r["version"], r["creation_ms"]))
+            k = self._keys.get(r["key_id"])
+            if r["wrapped"] is not None and k is not None and k.destroyed_ms is None:
+                # Every live version unwrapped now, so that no request ever waits for SQLite. One
+                # that does not authenticate fails its own requests, not the daemon's start.
+                try:
+                    self._material[(r["key_id"], r["version"])] = self._unwrap(r["key_id"], r["version"],
+                                                                               r["wrapped"])
+                except StoreError as e:
+                    self._damaged[(r["key_id"], r["version"])] = str(e)
         for r in self._db.execute("SELECT * FROM grants ORDER BY rowid"):
             g = _row_to_grant(r)
             self._grants[g.grant_id] = g
@@ -485,20 +525,21 @@ class Store:
         return list(self._aliases.values())
 
     def material(self, key_id: str, version: int) -> bytes | None:
-        """Unwrapped material of one version (cached), or None when destroyed or unknown."""
+        """Unwrapped material of one version, or None when destroyed, not imported or unknown.
+        From memory only: every live version is unwrapped at start and on each write. Raises
+        StoreError for a version whose stored material did not authenticate at start."""
         m = self._material.get((key_id, version))
-        if m is not None:
-            return m
-        with self._lock:
-            row = self._db.execute("SELECT wrapped FROM key_versions WHERE key_id=? AND version=?",
-                                   (key_id, version)).fetchone()
-        if row is None or row["wrapped"] is None:
-            return None
-        m = self._unwrap(key_id, version, row["wrapped"])
-        k = self._keys.get(key_id)
-        if k is not None and k.destroyed_ms is None:
-            self._material[(key_id, version)] = m
+        if m is None and (key_id, version) in self._damaged:
+            raise StoreError(self._damaged[(key_id, version)])
         return m
+
+    def import_params(self, key_id: str) -> ImportParams | None:
+        with self._lock:
+            r = self._db.execute("SELECT * FROM import_params WHERE key_id=?", (key_id,)).fetchone()
+        if r is None:
+            return None
+        return ImportParams(key_id, r["wrapping_algorithm"], self._unwrap(f"import:{key_id}", 0, r["wrapped_private"]),
+                            r["token"], r["expiry_ms"])
 
     # ---- root-key wrapping ---------------------------------------------------------------
 
@@ -518,27 +559,86 @@ class Store:
     def _tx(self):
         return _Tx(self._db)
 
-    def create_key(self, *, owner: str, alias: str, description: str, key_spec: str = "AES_256",
-                   key_usage: str = "ENCRYPT_DECRYPT", origin: str = "kms",
+    def create_key(self, *, owner: str, alias: str, description: str, material: bytes | None = None,
+                   key_spec: str = "AES_256", key_usage: str = "ENCRYPT_DECRYPT", origin: str = "kms",
                    default_key: bool = False, key_id: str | None = None) -> KeyRecord:
+        """A new key with ``material`` as version 1 (made by kms.material; None: a random AES-256
+        key), or, for origin external, a key waiting for its material (state 5)."""
         import uuid
+        if origin == "external":
+            material = None
+        elif material is None:
+            material = secrets.token_bytes(32)
         with self._lock:
             now = self.clock()
             k = KeyRecord(
                 key_id=key_id or str(uuid.uuid4()), owner=owner, alias=alias, description=description,
-                key_spec=key_spec, key_usage=key_usage, origin=origin, state=STATE_ENABLED,
+                key_spec=key_spec, key_usage=key_usage, origin=origin,
+                state=STATE_ENABLED if material is not None else STATE_PENDING_IMPORT,
                 default_key=default_key, creation_ms=now, deletion_ms=None, rotation_enabled=False,
                 rotation_interval=365, rotation_anchor_ms=now, last_rotation_ms=None, rotations=0,
                 current_version=1, destroyed_ms=None)
-            material = secrets.token_bytes(32)
             with self._tx() as db:
                 db.execute(f"INSERT INTO keys ({','.join(_KEY_COLUMNS)}) VALUES "
                            f"({','.join('?' * len(_KEY_COLUMNS))})", dataclasses.astuple(k))
-                db.execute("INSERT INTO key_versions (key_id, version, wrapped, creation_ms) VALUES (?,?,?,?)",
-                           (k.key_id, 1, self._wrap(k.key_id, 1, material), now))
+                if material is not None:
+                    db.execute("INSERT INTO key_versions (key_id, version, wrapped, creation_ms) VALUES (?,?,?,?)",
+                               (k.key_id, 1, self._wrap(k.key_id, 1, material), now))
             self._put_key(k)
-            self._versions[k.key_id] = [VersionRecord(k.key_id, 1, now)]
-            self._material[(k.key_id, 1)] = material
+            if material is not None:
+                self._versions[k.key_id] = [VersionRecord(k.key_id, 1, now)]
+                self._material[(k.key_id, 1)] = material
+            return k
+
+    def put_import_params(self, p: ImportParams) -> None:
+        with self._lock:
+            with self._tx() as db:
+                db.execute("INSERT OR REPLACE INTO import_params VALUES (?,?,?,?,?)",
+                           (p.key_id, p.wrapping_algorithm, self._wrap(f"import:{p.key_id}", 0, p.private_key),
+                            p.token, p.expiry_ms))
+
+    def import_material(self, key_id: str, material: bytes, expiration_ms: int | None, digest: bytes) -> KeyRecord:
+        """Imported material becomes version 1 of a pending-import key, which is then enabled; the
+        import parameters are used up in the same transaction."""
+        with self._lock:
+            now = self.clock()
+            k = dataclasses.replace(self._keys[key_id], state=STATE_ENABLED, expiration_ms=expiration_ms)
+            with self._tx() as db:
+                db.execute("INSERT OR REPLACE INTO key_versions (key_id, version, wrapped, creation_ms) "
+                           "VALUES (?,?,?,?)", (key_id, 1, self._wrap(key_id, 1, material), now))
+                db.execute("UPDATE keys SET state=?, expiration_ms=? WHERE key_id=?",
+                           (k.state, expiration_ms, key_id))
+                db.execute("DELETE FROM import_params WHERE key_id=?", (key_id,))
+                db.execute("INSERT OR REPLACE INTO imported_digests VALUES (?,?)",
+                           (key_id, self._wrap(f"digest:{key_id}", 0, digest)))
+            self._put_key(k)
+            self._versions[key_id] = [VersionRecord(key_id, 1, now)]
+            self._material[(key_id, 1)] = material
+            return k
+
+    def imported_digest(self, key_id: str) -> bytes | None:
+        """SHA-256 of the material imported earlier (kept after deletion), so that a re-import
+        must bring the same material back, as Huawei requires."""
+        with self._lock:
+            r = self._db.execute("SELECT digest FROM imported_digests WHERE key_id=?", (key_id,)).fetchone()
+        return self._unwrap(f"digest:{key_id}", 0, r["digest"]) if r else None
+
+    def delete_material(self, key_id: str) -> KeyRecord:
+        """delete-imported-key-material, or its expiry: the material is erased and the key waits
+        for an import again (state 5)."""
+        with self._lock:
+            old = self._keys[key_id]
+            # A key pending deletion stays so; any other goes back to waiting for an import.
+            state = old.state if old.state == STATE_PENDING_DELETION else STATE_PENDING_IMPORT
+            k = dataclasses.replace(old, state=state, expiration_ms=None)
+            self._db.execute("PRAGMA secure_delete=ON")
+            with self._tx() as db:
+                db.execute("DELETE FROM key_versions WHERE key_id=?", (key_id,))
+                db.execute("UPDATE keys SET state=?, expiration_ms=NULL WHERE key_id=?", (k.state, key_id))
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._put_key(k)
+            for v in self._versions.pop(key_id, ()):
+                self._material.pop((key_id, v.version), None)
             return k
 
     def update_key(self, key_id: str, **changes) -> KeyRecord:
@@ -552,13 +652,14 @@ class Store:
             self._put_key(k)
             return k
 
-    def rotate_key(self, key_id: str) -> KeyRecord:
-        """Add a new key version; it becomes the one new ciphertexts use."""
+    def rotate_key(self, key_id: str, material: bytes | None = None) -> KeyRecord:
+        """Add ``material`` (None: a random AES-256 key) as a new key version; it becomes the one
+        new ciphertexts use."""
+        material = material if material is not None else secrets.token_bytes(32)
         with self._lock:
             old = self._keys[key_id]
             now = self.clock()
             version = old.current_version + 1
-            material = secrets.token_bytes(32)
             k = dataclasses.replace(old, current_version=version, rotations=old.rotations + 1,
                                     last_rotation_ms=now, rotation_anchor_ms=now)
             with self._tx() as db:
@@ -590,6 +691,8 @@ class Store:
                 db.execute("DELETE FROM grants WHERE key_id=?", (key_id,))
                 db.execute("DELETE FROM aliases WHERE key_id=?", (key_id,))
                 db.execute("DELETE FROM tags WHERE key_id=?", (key_id,))
+                db.execute("DELETE FROM import_params WHERE key_id=?", (key_id,))
+                db.execute("DELETE FROM imported_digests WHERE key_id=?", (key_id,))
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._put_key(k)
             for v in self._versions.get(key_id, ()):
@@ -714,6 +817,12 @@ class Store:
         with self._audit_lock:
             rows = self._audit_db.execute(sql, args).fetchall()
         return [AuditRecord(*r) for r in reversed(rows)]
+
+
+def _migrate_keys(db: sqlite3.Connection) -> None:
+    """keys.db files written before imported material lack keys.expiration_ms; add it."""
+    if "expiration_ms" not in {r[1] for r in db.execute("PRAGMA table_info(keys)")}:
+        db.execute("ALTER TABLE keys ADD COLUMN expiration_ms INTEGER")
 
 
 def _migrate_audit(db: sqlite3.Connection) -> None:

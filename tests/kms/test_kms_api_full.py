@@ -112,6 +112,10 @@ def test_deletion_checked_on_access(kms, clock):
     ok(kms, "schedule-key-deletion", {"key_id": kid, "pending_days": "30"})
     clock.ms += 31 * DAY_MS
     assert err(kms, "describe-key", {"key_id": kid}) == (404, "KMS.0207")     # no sweep needed
+    assert err(kms, "create-datakey", {"key_id": kid}) == (404, "KMS.0207")
+    # Refused at once, but destroyed by the sweep: a lookup (on the event loop) never writes.
+    assert kms.store.get_key(kid).destroyed_ms is None
+    assert kms.sweep() == (1, 0)
     assert kms.store.get_key(kid).destroyed_ms is not None
 
 
@@ -241,7 +245,7 @@ def test_grants(kms):
     assert err(kms, "create-grant", {"key_id": kid, "grantee_principal": "1001",
                                      "operations": ["create-grant"]}) == (400, "KMS.2401")
     assert err(kms, "create-grant", {"key_id": kid, "grantee_principal": "1001",
-                                     "operations": ["sign"]}) == (400, "KMS.2401")
+                                     "operations": ["sign-everything"]}) == (400, "KMS.2401")
     assert err(kms, "create-grant", {"key_id": kid, "grantee_principal": "a b",
                                      "operations": ["describe-key"]}) == (400, "KMS.2402")
     assert err(kms, "create-grant", {"key_id": kid, "grantee_principal": "1001"}) == (400, "KMS.0204")

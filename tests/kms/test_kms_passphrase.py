@@ -30,8 +30,7 @@ def test_store_with_passphrase_round_trip(tmp_path):
     assert meta["kdf"] == "scrypt" and meta["n"] == SMALL_N and meta["r"] == 8 and meta["p"] == 1
     assert "correct horse" not in open(meta_path).read()
 
-    s = Store(d, passphrase=b"correct horse")          # parameters come from root.scrypt
-    s._material.clear()
+    s = Store(d, passphrase=b"correct horse")          # parameters come from root.scrypt; unwraps at open
     assert s.material(k.key_id, 1) == material
     s.close()
     with pytest.raises(StoreError, match="wrong passphrase"):

@@ -195,7 +195,7 @@ def test_secrets_and_digests_compared_in_constant_time():
     pkg = os.path.join(os.path.dirname(__file__), "..", "..", "kms")
     suspicious = ("digest", "dgst", "signature", "sig", "mac", "check", "secret", "sk", "passphrase")
     offenders = []
-    for path in glob.glob(os.path.join(pkg, "*.py")):
+    for path in glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True):
         tree = ast.parse(open(path).read())
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
@@ -205,7 +205,11 @@ def test_secrets_and_digests_compared_in_constant_time():
                     if any(w in name.split("_") or name.endswith(w) for name in names for w in suspicious):
                         offenders.append(f"{os.path.basename(path)}:{node.lineno}")
     assert not offenders, offenders
-    src = {f: open(os.path.join(pkg, f)).read() for f in ("api.py", "auth.py", "client.py", "store.py")}
-    assert "hmac.compare_digest(hashlib.sha256(dek).digest(), digest)" in src["api.py"]
+    src = {f: open(os.path.join(pkg, f)).read() for f in ("ops/datakeys.py", "ops/imports.py", "material.py",
+                                                          "auth.py", "client.py", "store.py")}
+    assert "hmac.compare_digest(material.datakey_digest(self.spec(k), dek), digest)" in src["ops/datakeys.py"]
+    assert "hmac.compare_digest(p.token.encode(), token.encode())" in src["ops/imports.py"]
+    assert "hmac.compare_digest(before, digest)" in src["ops/imports.py"]
+    assert "_hmac.compare_digest(a, b)" in src["material.py"]
     assert "hmac.compare_digest(expected" in src["auth.py"]
     assert "hmac.compare_digest(" in src["client.py"] and "hmac.compare_digest(" in src["store.py"]

@@ -1,0 +1,1 @@
+"""The KMS handlers, one module per concern; kms.api imports them all."""
