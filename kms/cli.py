@@ -120,10 +120,19 @@ def _fmt_info(r: dict) -> str:
     return _fields(r.get("key_info", r))
 
 
-@command("create-key", "create a customer master key (AES-256)",
-         lambda p: (p.add_argument("--alias", required=True), p.add_argument("--description")))
+@command("create-key", "create a customer master key (AES_256 unless --spec)",
+         lambda p: (p.add_argument("--alias", required=True), p.add_argument("--description"),
+                    p.add_argument("--spec", help="AES_256 (default), SM4, RSA_2048/3072/4096, EC_P256, EC_P384, "
+                                                  "SECP256K1, HMAC_256/384/512, HMAC_SM3"),
+                    p.add_argument("--usage", help="ENCRYPT_DECRYPT, SIGN_VERIFY or GENERATE_VERIFY_MAC "
+                                                   "(default: the spec's)"),
+                    p.add_argument("--external", action="store_true",
+                                   help="origin external: the key waits for import-key-material")))
 def _c_create_key(c, a):
     body = _with_aad({"key_alias": a.alias}, a.description, "key_description")
+    for name, v in (("key_spec", a.spec), ("key_usage", a.usage), ("origin", "external" if a.external else None)):
+        if v is not None:
+            body[name] = v
     return c.call("create-key", body), _fmt_info
 
 
@@ -561,6 +570,9 @@ def _client(a: argparse.Namespace, socket_path: str, project_id: str) -> KmsClie
         raise UsageError(str(e)) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+from . import cli_crypto  # noqa: E402,F401  (registers sign, verify, import-key-material...)
 
 
 def main(argv: list[str] | None = None) -> int:
