@@ -124,6 +124,8 @@ def metrics(cfg: Config) -> list[Metric]:
         Metric("kms_create_16", "KMS create-datakey, 16 clients", "req/s", True),
         Metric("kms_decrypt_1", "KMS decrypt-datakey, 1 client", "req/s", True),
         Metric("kms_decrypt_16", "KMS decrypt-datakey, 16 clients", "req/s", True),
+        *(Metric(f"kms_{op}_{alg}_{n}", f"KMS {op} {alg.upper()}, {n} client{'s' if n > 1 else ''}", "req/s", True)
+          for op in ("sign", "verify") for alg in ("rsa2048", "ecp256") for n in (1, 16)),
     ]
 
 
@@ -716,7 +718,7 @@ class Runner:
         try:
             out = run([sys.executable, "-m", "kms.bench", "--socket", t.kms.socket_path,
                        "--project-id", t.kms.project_id, "--seconds", str(secs),
-                       "--clients", "1,16", "--json"], cwd=str(REPO))
+                       "--clients", "1,16", "--ops", "all", "--json"], cwd=str(REPO))
             rows = json.loads(out)
             rates = {(r["operation"], int(r["clients"])): float(r["requests_per_second"])
                      for r in rows}
@@ -726,7 +728,10 @@ class Runner:
             rates = {(op, n): kms_rate(t.kms.socket_path, t.kms.project_id, op, n, secs)
                      for op in ("create-datakey", "decrypt-datakey") for n in (1, 16)}
         for (op, n), rate in rates.items():
-            key = f"kms_{'create' if op == 'create-datakey' else 'decrypt'}_{n}"
+            # "create-datakey" -> kms_create_N; "sign RSA_2048" -> kms_sign_rsa2048_N
+            name = {"create-datakey": "create", "decrypt-datakey": "decrypt"}.get(op) or \
+                op.lower().replace(" ", "_").replace("rsa_2048", "rsa2048").replace("ec_p256", "ecp256")
+            key = f"kms_{name}_{n}"
             self.record(t, key, rate, rep, tool=how)
 
     WORKLOADS = ("seq", "rand", "files", "tree", "sqlite", "rsync", "kms")

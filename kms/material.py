@@ -11,6 +11,7 @@ keys are refused (docs/KMS.md). No curve arithmetic is written here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac as _hmac
 import secrets
@@ -124,8 +125,12 @@ def generate(spec: Spec) -> bytes:
     return _pkcs8(ec.generate_private_key(spec.curve()))
 
 
+@functools.lru_cache(maxsize=4096)
 def _private(material: bytes):
-    return serialization.load_der_private_key(material, None)
+    """The key object of stored material, parsed once: parsing checks an RSA key, which takes
+    tens of milliseconds in OpenSSL 3. The check is skipped for this material: it was made by
+    this KMS (or wrapped by the root key under AES-GCM), so it cannot have been tampered with."""
+    return serialization.load_der_private_key(material, None, unsafe_skip_rsa_key_validation=True)
 
 
 def public_key_der(material: bytes) -> bytes:
