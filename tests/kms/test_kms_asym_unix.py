@@ -231,3 +231,52 @@ def test_kill9_during_imports_and_signing(capsys):
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+SIGN_SPECS = {"RSA_2048": "RSASSA_PKCS1_V1_5_SHA_256", "RSA_3072": "RSASSA_PSS_SHA_384",
+              "RSA_4096": "RSASSA_PSS_SHA_512", "EC_P256": "ECDSA_SHA_256", "EC_P384": "ECDSA_SHA_384",
+              "SECP256K1": "ECDSA_SHA_256"}
+MAC_SPECS = {"HMAC_256": "HMAC_SHA_256", "HMAC_384": "HMAC_SHA_384", "HMAC_512": "HMAC_SHA_512",
+             "HMAC_SM3": "HMAC_SM3"}
+
+
+@pytest.mark.parametrize("spec", [*SIGN_SPECS, *MAC_SPECS, "SM4", "AES_256"])
+def test_every_spec_over_the_socket(unix_kms, spec):
+    """Each spec through the project's client on the Unix socket: its operation works, the
+    others are refused with KMS.0308, disabling stops it (KMS.0209) and enabling restores it."""
+    server, _ = unix_kms
+    m = base64.b64encode(b"socket message").decode()
+    with server.client as c:
+        kid = c.call("create-key", {"key_alias": f"sock/{spec}", "key_spec": spec})["key_info"]["key_id"]
+
+        def refused(op, body, want="KMS.0308"):
+            with pytest.raises(KmsError) as e:
+                c.call(op, {"key_id": kid, **body})
+            assert e.value.error_code == want, (op, e.value)
+        sign_body = {"message": m, "signing_algorithm": SIGN_SPECS.get(spec, "ECDSA_SHA_256"), "message_type": "RAW"}
+        mac_body = {"message": m, "mac_algorithm": MAC_SPECS.get(spec, "HMAC_SHA_256")}
+
+        def use():
+            if spec in SIGN_SPECS:
+                sig = c.call("sign", {"key_id": kid, **sign_body})["signature"]
+                assert c.call("verify", {"key_id": kid, **sign_body, "signature": sig})["signature_valid"] == "true"
+            elif spec in MAC_SPECS:
+                mac = c.call("generate-mac", {"key_id": kid, **mac_body})["mac"]
+                assert c.call("verify-mac", {"key_id": kid, **mac_body, "mac": mac})["mac_valid"] is True
+            else:
+                dek, ct = c.create_datakey(kid, aad="f")
+                assert c.decrypt_datakey(kid, ct, aad="f") == dek
+        use()
+        if spec not in SIGN_SPECS:
+            refused("sign", sign_body)
+        if spec not in MAC_SPECS:
+            refused("generate-mac", mac_body)
+        if spec in SIGN_SPECS or spec in MAC_SPECS:
+            refused("create-datakey", {})
+            refused("encrypt-data", {"plain_text": "x"})
+        c.call("disable-key", {"key_id": kid})
+        with pytest.raises(KmsError) as e:
+            use()
+        assert e.value.error_code == "KMS.0209"
+        c.call("enable-key", {"key_id": kid})
+        use()
