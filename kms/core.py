@@ -16,7 +16,7 @@ from . import blob, material
 from .errors import KmsApiError
 from .material import Spec
 from .store import (STATE_DISABLED, STATE_ENABLED, STATE_PENDING_DELETION, STATE_PENDING_IMPORT, AuditRecord,
-                    KeyRecord, Store)
+                    KeyRecord, Store, StoreError)
 from .validate import (ALIAS_RE, HEX_RE, KEY_ID_RE, check_fields, get_num, get_str, ms_str, parse_body,
                        present, request_aad)
 
@@ -197,6 +197,8 @@ class Kms:
         now = self.now
         for k in self.store.keys():
             due = self._due(k, now)
+            if due in ("destroy", "expire"):
+                self._forget_parsed(k)
             if due == "destroy":
                 self.store.destroy_key(k.key_id)
                 destroyed += 1
@@ -206,6 +208,14 @@ class Kms:
                 self.store.rotate_key(k.key_id, material.generate(self.spec(k)))
                 rotated += 1
         return destroyed, rotated
+
+    def _forget_parsed(self, k: KeyRecord) -> None:
+        """Drop the parsed private-key objects of ``k`` before its material goes."""
+        for v in self.store.versions(k.key_id):
+            try:
+                material.forget(self.store.material(k.key_id, v.version))
+            except StoreError:
+                pass
 
     def sweep_due(self) -> bool:
         """Cheap check whether sweep() has work, so the server can skip the thread hop."""

@@ -11,7 +11,6 @@ keys are refused (docs/KMS.md). No curve arithmetic is written here.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac as _hmac
 import secrets
@@ -125,12 +124,28 @@ def generate(spec: Spec) -> bytes:
     return _pkcs8(ec.generate_private_key(spec.curve()))
 
 
-@functools.lru_cache(maxsize=4096)
+_PARSED: dict[bytes, object] = {}
+_PARSED_MAX = 4096
+
+
 def _private(material: bytes):
     """The key object of stored material, parsed once: parsing checks an RSA key, which takes
     tens of milliseconds in OpenSSL 3. The check is skipped for this material: it was made by
-    this KMS (or wrapped by the root key under AES-GCM), so it cannot have been tampered with."""
-    return serialization.load_der_private_key(material, None, unsafe_skip_rsa_key_validation=True)
+    this KMS (or wrapped by the root key under AES-GCM), so it cannot have been tampered with.
+    ``forget`` drops an entry when its key's material is destroyed."""
+    key = _PARSED.get(material)
+    if key is None:
+        key = serialization.load_der_private_key(material, None, unsafe_skip_rsa_key_validation=True)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[material] = key
+    return key
+
+
+def forget(material: bytes | None) -> None:
+    """Drop the parsed key object of ``material`` (its key was destroyed or deleted)."""
+    if material is not None:
+        _PARSED.pop(material, None)
 
 
 def public_key_der(material: bytes) -> bytes:

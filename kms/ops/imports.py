@@ -92,6 +92,7 @@ def _import(self: Kms, ctx: Ctx, body: dict, _: dict) -> dict:
         raise KmsApiError("KMS.2606", f"key {k.key_id} had other material before: only the same material "
                                       f"can be imported again")
     self.store.import_material(k.key_id, key_material, expiration_ms, digest)
+    material.forget(p.private_key)          # the wrapping key is used up
     return {}
 
 

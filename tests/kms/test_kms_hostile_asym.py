@@ -137,6 +137,13 @@ def test_private_material_never_leaves(world):
             v = n.d if hasattr(n, "d") else n.private_value
             secret = v.to_bytes((v.bit_length() + 7) // 8, "big")
             assert secret not in blob and base64.b64encode(secret) not in blob
+    # a destroyed key leaves no parsed private key behind in the daemon either
+    rsa_id = ids["RSA_2048"]
+    assert privates["RSA_2048"] in material._PARSED           # parsed by get-publickey above
+    kms.handle(ALICE, "POST", "schedule-key-deletion", {}, json.dumps({"key_id": rsa_id, "pending_days": "7"}).encode())
+    world[1].ms += 8 * 86_400_000
+    assert kms.sweep()[0] == 1
+    assert privates["RSA_2048"] not in material._PARSED and kms.store.material(rsa_id, 1) is None
     kms.store.flush_audit()
     for name in os.listdir(data_dir):
         content = open(os.path.join(data_dir, name), "rb").read()
