@@ -428,3 +428,30 @@ def test_tags_aliases_and_updates(tcp_kms):
     assert (d.key_alias, d.key_description) == ("renamed", "new words")
     expect_error(lambda: c.update_key_alias(UpdateKeyAliasRequest(body=UpdateKeyAliasRequestBody(
         key_id=kid, key_alias="x/default"))), "KMS.1101")
+
+
+def test_refused_operations_answer_like_an_unknown_path(tcp_kms):
+    """The appendix-A operations docs/KMS.md lists as refused answer 400 KMS.0201 through the SDK."""
+    from huaweicloudsdkkms.v2 import (CreateDatakeyCapsuleRequest, CreateDatakeyCapsuleRequestBody,
+                                      CreateKeyStoreRequest, CreateKeyStoreRequestBody, CreatePinRequest,
+                                      CreatePinRequestBody, DeriveSharedSecretRequest, DeriveSharedSecretRequestBody,
+                                      ListAccessPointRequest, ListKeyPolicyRequest, ListKeyStoresRequest,
+                                      ListSupportRegionsRequest, ShowKeyStoreRequest)
+    port, _ = tcp_kms
+    c = sdk(port)
+    kid = create(c, "refused-ops", "EC_P256")
+    calls = [
+        lambda: c.create_pin(CreatePinRequest(body=CreatePinRequestBody(pin_type="PlainText"))),
+        lambda: c.derive_shared_secret(DeriveSharedSecretRequest(body=DeriveSharedSecretRequestBody(
+            key_id=kid, key_agreement_algorithm="ECDH", public_key="AAAA"))),
+        lambda: c.create_datakey_capsule(CreateDatakeyCapsuleRequest(body=CreateDatakeyCapsuleRequestBody(
+            key_id=kid, datakey_length="256"))),
+        lambda: c.list_key_stores(ListKeyStoresRequest()),
+        lambda: c.show_key_store(ShowKeyStoreRequest(keystore_id="0")),
+        lambda: c.create_key_store(CreateKeyStoreRequest(body=CreateKeyStoreRequestBody(keystore_alias="ks"))),
+        lambda: c.list_access_point(ListAccessPointRequest(keyspace_id="x")),
+        lambda: c.list_key_policy(ListKeyPolicyRequest(keyspace_id="x")),
+        lambda: c.list_support_regions(ListSupportRegionsRequest()),
+    ]
+    for fn in calls:
+        expect_error(fn, "KMS.0201")
