@@ -31,6 +31,7 @@ from . import backing as bk
 from . import format as fmt
 from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
+from .inodes import InodeTable
 from .journal import Journal
 from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
@@ -49,11 +50,16 @@ class Node:
     a directory needs no update of its descendants.
     """
 
-    __slots__ = ("ino", "links", "lookups", "opens", "fd", "cipher", "xattr", "record",
-                 "key_lock", "block_size", "dir_dirty", "no_caps")
+    __slots__ = ("ino", "generation", "kind", "dead", "links", "lookups", "opens", "fd",
+                 "cipher", "xattr", "record", "key_lock", "block_size", "dir_dirty", "no_caps")
 
     def __init__(self, ino: int):
         self.ino = ino
+        # identity, kept by encfs/inodes.py: the generation the kernel knows this object
+        # by, its file type, and whether it lost its last name (its number may come back)
+        self.generation = 0
+        self.kind = 0
+        self.dead = False
         self.links: set[tuple[int, bytes]] = set()
         self.lookups = 0
         self.opens = 0
@@ -145,8 +151,7 @@ class EncFS(pyfuse3.Operations):
         self.can_preallocate = True  # until the backing filesystem says it cannot
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
         self.root_ino = os.lstat(backing).st_ino
-        self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
-        self.nodes[ROOT].lookups = 1
+        self.nodes = InodeTable(self.root_ino, Node)  # node ids and generations
         self.dir_handles: dict[int, tuple[int, list[bytes]]] = {}
         self._next_dh = 1
         self.as_root = os.geteuid() == 0
@@ -194,22 +199,15 @@ class EncFS(pyfuse3.Operations):
         return os.path.join(self._path(parent), name)
 
     def _ino(self, st: os.stat_result) -> int:
-        return ROOT if st.st_ino == self.root_ino else st.st_ino
+        return self.nodes.node_id(st)
 
     def _remember(self, st: os.stat_result, parent: int, name: bytes) -> Node:
         """Count one kernel reference to the inode behind ``parent/name``."""
-        ino = self._ino(st)
-        node = self.nodes.get(ino)
-        if node is None:
-            node = self.nodes[ino] = Node(ino)
-        node.links.add((parent, name))
-        node.lookups += 1
-        return node
+        return self.nodes.remember(st, parent, name)
 
-    def _drop_link(self, parent: int, name: bytes, ino: int) -> None:
-        node = self.nodes.get(ino)
-        if node is not None:
-            node.links.discard((parent, name))
+    def _drop_link(self, parent: int, name: bytes, ino: int, last: bool = False) -> None:
+        """``parent/name`` is gone; ``last``: it was the object's last name."""
+        self.nodes.unlinked(parent, name, ino, last)
 
     def _display(self, path: bytes) -> str:
         """The plaintext path of a backing path, for log lines."""
@@ -219,7 +217,8 @@ class EncFS(pyfuse3.Operations):
     def _attr(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
-        e.generation = 0
+        node = self.nodes.get(ino)
+        e.generation = node.generation if node is not None else 0
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout
         e.st_mode = st.st_mode
@@ -541,8 +540,7 @@ class EncFS(pyfuse3.Operations):
             node.fd = None
             node.cipher = None  # the key cache keeps the DEK for the grace period only
             node.xattr = None
-            if node.lookups <= 0 and node.ino != ROOT:
-                self.nodes.pop(node.ino, None)
+            self.nodes.released(node)
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -550,6 +548,7 @@ class EncFS(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
         if name == b".":
             st = os.lstat(self._path(parent_inode))
+            self.nodes[parent_inode].lookups += 1  # the kernel counts this reply too
             return self._attr(st, parent_inode)
         path = self._child(parent_inode, name)
         try:
@@ -568,12 +567,7 @@ class EncFS(pyfuse3.Operations):
 
     async def forget(self, inode_list) -> None:
         for ino, nlookup in inode_list:
-            node = self.nodes.get(ino)
-            if node is None or ino == ROOT:
-                continue
-            node.lookups -= nlookup
-            if node.lookups <= 0 and node.opens == 0:
-                del self.nodes[ino]
+            self.nodes.forget(ino, nlookup)
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
@@ -734,7 +728,8 @@ class EncFS(pyfuse3.Operations):
         if stat.S_ISREG(st.st_mode):
             if st.st_nlink != 1 or not self.spares.recycle(bk.sidecar_path(path)):
                 bk.remove_sidecar(path)
-        self._drop_link(parent_inode, name, self._ino(st))
+        self._drop_link(parent_inode, name, self._ino(st),
+                        last=stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1)
 
     @_fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
@@ -754,7 +749,7 @@ class EncFS(pyfuse3.Operations):
             if e.errno != errno.ENOTEMPTY or not self._remove_orphan_sidecars(path):
                 raise
             os.rmdir(path)
-        self._drop_link(parent_inode, name, self._ino(st))
+        self._drop_link(parent_inode, name, self._ino(st), last=True)
 
     def _remove_orphan_sidecars(self, dirpath: bytes) -> bool:
         """A directory that looks empty in the mount may hold sidecars whose data files are
@@ -813,11 +808,14 @@ class EncFS(pyfuse3.Operations):
         self._drop_link(parent_inode_old, name_old, ino_old)
         if st_new is not None:
             ino_new = self._ino(st_new)
-            self._drop_link(parent_inode_new, name_new, ino_new)
-            if flags & pyfuse3.RENAME_EXCHANGE and ino_new in self.nodes:
-                self.nodes[ino_new].links.add((parent_inode_old, name_old))
+            exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+            # A replaced target lost a name; its last one unless it has other links.
+            self._drop_link(parent_inode_new, name_new, ino_new, last=not exchange and (
+                stat.S_ISDIR(st_new.st_mode) or st_new.st_nlink <= 1))
+            if exchange:
+                self.nodes.linked(parent_inode_old, name_old, ino_new)
+        self.nodes.linked(parent_inode_new, name_new, ino_old)
         if ino_old in self.nodes:
-            self.nodes[ino_old].links.add((parent_inode_new, name_new))
             self.nodes[ino_old].dir_dirty = True  # fsync makes the new name durable
 
     def _rename_sidecar(self, old: bytes, new: bytes, exchange: bool = False) -> None:
@@ -913,9 +911,10 @@ class EncFS(pyfuse3.Operations):
                 st = os.lstat(os.path.join(dirpath, name))
             except FileNotFoundError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(st, self._ino(st)), i + 1):
+            node = self._remember(st, parent, name)  # its generation goes into the reply
+            if not pyfuse3.readdir_reply(token, name, self._attr(st, node.ino), i + 1):
+                self.nodes.forget(node.ino, 1)  # not sent: the kernel does not hold it
                 break
-            self._remember(st, parent, name)
 
     async def releasedir(self, fh: int) -> None:
         handle = self.dir_handles.pop(fh, None)

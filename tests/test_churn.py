@@ -1,0 +1,157 @@
+"""Layer 3: concurrent create/remove churn from several processes and uids (issue 13).
+
+ext4 hands a freed inode number to the next new file at once. When node ids were backing
+inode numbers with generation 0, the kernel could meet a new file under the node id of one
+it still held, and mkdir/rmdir/creat failed with ESTALE, EIO or a wrong EEXIST. Every
+worker here creates and removes files, directories and symlinks, each under its own names,
+some in a directory of its own and some in one directory all share, as root and as two
+other uids; every call must succeed and every new object must belong to its creator.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections import Counter
+
+import pytest
+
+from encfs.pytest_plugin import make_mount, short_tempdir, start_kms_server
+
+pytestmark = [pytest.mark.fuse,
+              pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")]
+
+UIDS = (0, 60011, 60012)
+ITERATIONS = 150
+
+
+def _churn(top: str, tag: str, uid: int, iterations: int) -> tuple[Counter, list[str]]:
+    """The workload of one process: returns failed calls by (call, errno) and the first
+    few failures in words."""
+    failed: Counter = Counter()
+    detail: list[str] = []
+
+    def call(what: str, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except OSError as e:
+            failed[(what, e.errno)] += 1
+            if len(detail) < 5:
+                detail.append(f"{what} {args[0]}: {os.strerror(e.errno or 0)}")
+            return False
+
+    def owned(path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            failed[("lstat", e.errno)] += 1
+            return
+        if st.st_uid != uid:
+            failed[("owner", 0)] += 1
+
+    for i in range(iterations):
+        d, f, s = (os.path.join(top, f"{tag}-{k}{i % 7}") for k in "dfs")
+        if call("mkdir", os.mkdir, d, 0o755):
+            owned(d)
+            call("mkdir-child", os.mkdir, os.path.join(d, "c"))
+            call("rmdir-child", os.rmdir, os.path.join(d, "c"))
+            call("rmdir", os.rmdir, d)
+        if call("mkdir-again", os.mkdir, d, 0o755):
+            call("rmdir-again", os.rmdir, d)
+        try:
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            failed[("creat", e.errno)] += 1
+            detail.append(f"creat {f}: {os.strerror(e.errno or 0)}")
+        else:
+            call("write", os.write, fd, b"x" * (i % 5000))
+            os.close(fd)
+            owned(f)
+            call("unlink", os.unlink, f)
+        if call("symlink", os.symlink, f"target-{i}", s):
+            owned(s)
+            call("unlink-symlink", os.unlink, s)
+    return failed, detail
+
+
+def _spawn(uid: int, fn) -> tuple[int, int]:
+    """Start fn() in a child that has become ``uid``; returns (pid, read end)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            if uid:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            try:
+                result = ("ok", fn())
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                result = ("exc", repr(e))
+            os.write(w, pickle.dumps(result))
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _collect(pid: int, r: int):
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
+
+
+def run_churn(mnt: str, iterations: int = ITERATIONS) -> tuple[Counter, list[str]]:
+    """Two processes per uid: one in a directory of its own, one in a shared one."""
+    shared = os.path.join(mnt, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    jobs = []
+    for uid in UIDS:
+        own = os.path.join(mnt, f"own-{uid}")
+        os.mkdir(own)
+        os.chown(own, uid, uid)
+        jobs.append(_spawn(uid, lambda own=own, uid=uid: _churn(own, "w", uid, iterations)))
+        jobs.append(_spawn(uid, lambda uid=uid: _churn(shared, f"u{uid}", uid, iterations)))
+    total: Counter = Counter()
+    details: list[str] = []
+    for pid, r in jobs:
+        kind, value = _collect(pid, r)
+        assert kind == "ok", value
+        total.update(value[0])
+        details += value[1]
+    return total, details
+
+
+@pytest.fixture
+def shared_mount():
+    work = short_tempdir("encfs-churn-")
+    os.chmod(work, 0o711)
+    kms = start_kms_server(os.path.join(work, "kms"))
+    m = None
+    try:
+        m = make_mount(kms, work, extra_args=["-o", "allow_other"])
+        os.chmod(m.mountpoint, 0o755)
+        os.chmod(os.path.dirname(m.mountpoint), 0o755)
+        yield m
+    finally:
+        if m is not None:
+            m.unmount()
+        kms.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_churn_from_three_uids_has_no_failed_call(shared_mount):
+    failed, details = run_churn(shared_mount.mountpoint)
+    assert not failed, (dict(failed), details)
+    # Everything removed: nothing but the work directories is left, in the mount and in
+    # the backing dir (no sidecar or long-name file of a removed name stays behind).
+    for d in ["shared"] + [f"own-{u}" for u in UIDS]:
+        assert os.listdir(os.path.join(shared_mount.mountpoint, d)) == []
+        assert os.listdir(os.path.join(shared_mount.backing, d)) == []
