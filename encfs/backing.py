@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 
 from . import format as fmt
+from . import names as nm
 
 CONTROL_DIR = b".encfs"
 CONFIG_NAME = "config.json"
@@ -221,7 +222,8 @@ def write_file_atomic(backing: bytes, dest: bytes, data: bytes, mode: int = 0o60
 
 
 def sidecar_path(data_path: bytes) -> bytes:
-    return fmt.sidecar_name(data_path)
+    """The sidecar of a backing data path (the name layer decides: encfs/names.py)."""
+    return nm.sidecar_of(data_path)
 
 
 def read_sidecar(data_path: bytes) -> fmt.KeyRecord:
@@ -333,8 +335,10 @@ def remove_sidecar(data_path: bytes) -> None:
 
 
 def is_reserved(parent_is_root: bool, name: bytes) -> bool:
-    """Names the mount hides and refuses: sidecars, and the control dir at the root."""
-    return fmt.is_sidecar_name(name) or (parent_is_root and name == CONTROL_DIR)
+    """Backing entries the mount never shows as themselves: sidecars, long-name files,
+    and the control dir at the root (encfs/names.py classifies)."""
+    return nm.classify(parent_is_root, name) in (nm.Kind.SIDECAR, nm.Kind.LONG_NAME,
+                                                 nm.Kind.CONTROL)
 
 
 def reserved_errno() -> int:

@@ -29,6 +29,7 @@ from kms.client import KmsError
 
 from . import backing as bk
 from . import format as fmt
+from . import names as nm
 from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
 from .inodes import InodeTable
@@ -170,14 +171,17 @@ class EncFS(pyfuse3.Operations):
             else:
                 ino, name = self._live_link(node)
             parts.append(name)
-        return os.path.join(self.backing, *reversed(parts)) if parts else self.backing
+        path = self.backing
+        for name in reversed(parts):
+            path = nm.data_path(path, name)  # the name layer: long names are hashed
+        return path
 
     def _live_link(self, node: Node) -> tuple[int, bytes]:
         """One of several names of a node that still leads to it; drops names that no
         longer do (changed behind our back, with --shared-backing)."""
         for parent, name in sorted(node.links):
             try:
-                st = os.lstat(os.path.join(self._path(parent), name))
+                st = os.lstat(nm.data_path(self._path(parent), name))
             except (OSError, pyfuse3.FUSEError):
                 st = None
             if st is not None and self._ino(st) == node.ino:
@@ -186,17 +190,38 @@ class EncFS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     def _child(self, parent: int, name: bytes) -> bytes:
-        if bk.is_reserved(parent == ROOT, name):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return os.path.join(self._path(parent), name)
+        """Backing path of an existing name (the name layer maps it)."""
+        try:
+            nm.check_name(parent == ROOT, name, creating=False)
+        except nm.NameError_ as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        return nm.data_path(self._path(parent), name)
 
     def _new_name(self, parent: int, name: bytes) -> bytes:
-        """Path for a name being created; refuses reserved and too-long names."""
-        if bk.is_reserved(parent == ROOT, name):
-            raise pyfuse3.FUSEError(bk.reserved_errno())
-        if len(name) + len(fmt.SIDECAR_SUFFIX) > 255:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        return os.path.join(self._path(parent), name)
+        """Backing path for a name being created; refuses the control dir's name and names
+        over NAME_MAX. A long name also needs `_long_name_first` before its entry is made."""
+        try:
+            nm.check_name(parent == ROOT, name, creating=True)
+        except nm.NameError_ as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        return nm.data_path(self._path(parent), name)
+
+    def _long_name_first(self, path: bytes, name: bytes, ctx=None) -> bool:
+        """Before an entry is created or renamed to backing ``path``: make the long-name
+        file of ``name`` durable, if the name is long. True if one was written (for
+        `_long_name_undo` when the operation then fails)."""
+        if nm.long_name_of(path) is None:
+            return False
+        owner = ((ctx.uid, ctx.gid) if ctx is not None and self.as_root
+                 and (ctx.uid, ctx.gid) != (self.euid, self.egid) else None)
+        return nm.write_long_name(bk.tmp_path(self.backing), path, name, owner)
+
+    @staticmethod
+    def _long_name_undo(path: bytes, written: bool) -> None:
+        """The operation that needed the long-name file failed: remove it again, unless an
+        entry under that name exists (then it is that entry's)."""
+        if written and not os.path.lexists(path):
+            nm.remove_long_name(path)
 
     def _ino(self, st: os.stat_result) -> int:
         return self.nodes.node_id(st)
@@ -621,10 +646,16 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
-        path = self._new_name(parent_inode, name)
+        self._new_name(parent_inode, name)  # refuse a bad name before asking the KMS
         record, dek = await self._new_key(parent_inode)
-        fd = _open_backing(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                           | os.O_CLOEXEC, stat.S_IMODE(mode))
+        path = self._new_name(parent_inode, name)  # again: the parent may have moved
+        written = self._long_name_first(path, name, ctx)
+        try:
+            fd = _open_backing(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, stat.S_IMODE(mode))
+        except BaseException:
+            self._long_name_undo(path, written)
+            raise
         try:
             self._chown_new(path, ctx, fd, mode)
             st = os.fstat(fd)
@@ -636,6 +667,7 @@ class EncFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             os.unlink(path)
+            self._long_name_undo(path, written)
             raise
         st = os.fstat(fd)
         node = self._remember(st, parent_inode, name)
@@ -728,13 +760,19 @@ class EncFS(pyfuse3.Operations):
         if stat.S_ISREG(st.st_mode):
             if st.st_nlink != 1 or not self.spares.recycle(bk.sidecar_path(path)):
                 bk.remove_sidecar(path)
+        nm.remove_long_name(path)  # last: until the entry is gone, its name must stay
         self._drop_link(parent_inode, name, self._ino(st),
                         last=stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1)
 
     @_fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
         path = self._new_name(parent_inode, name)
-        os.mkdir(path, stat.S_IMODE(mode))
+        written = self._long_name_first(path, name, ctx)
+        try:
+            os.mkdir(path, stat.S_IMODE(mode))
+        except BaseException:
+            self._long_name_undo(path, written)
+            raise
         self._chown_new(path, ctx, mode=mode)
         st = os.lstat(path)
         return self._attr(st, self._remember(st, parent_inode, name).ino)
@@ -749,16 +787,18 @@ class EncFS(pyfuse3.Operations):
             if e.errno != errno.ENOTEMPTY or not self._remove_orphan_sidecars(path):
                 raise
             os.rmdir(path)
+        nm.remove_long_name(path)
         self._drop_link(parent_inode, name, self._ino(st), last=True)
 
     def _remove_orphan_sidecars(self, dirpath: bytes) -> bool:
-        """A directory that looks empty in the mount may hold sidecars whose data files are
-        gone (a crash between the two unlinks). Remove those; True if nothing else is left."""
+        """A directory that looks empty in the mount may hold sidecars or long-name files
+        whose entries are gone (a crash between two steps). Remove those; True if nothing
+        else is left."""
         names = os.listdir(dirpath)
-        if any(not fmt.is_sidecar_name(n) or n[:-len(fmt.SIDECAR_SUFFIX)] in names
-               for n in names):
+        orphans = nm.orphans(names)
+        if len(orphans) != len(names):
             return False
-        for n in names:
+        for n in orphans:
             os.unlink(os.path.join(dirpath, n))
         return True
 
@@ -783,6 +823,12 @@ class EncFS(pyfuse3.Operations):
         old_reg = stat.S_ISREG(st_old.st_mode)
         new_reg = st_new is not None and stat.S_ISREG(st_new.st_mode)
         intent = None
+        # A long target name's file first, durable: a crash at any later point leaves
+        # either the old entry (and a harmless unused long-name file) or the new one with
+        # its name. With EXCHANGE both names stay, so each needs its long-name file.
+        written = self._long_name_first(new, name_new, ctx)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            self._long_name_first(old, name_old, ctx)
         if old_reg or new_reg:
             sides = [bk.sidecar_path(p) for p in (old, new)]
             intent = self.journal.rename(old, new, flags,
@@ -792,6 +838,7 @@ class EncFS(pyfuse3.Operations):
         except BaseException:
             if intent is not None:
                 self.journal.done(intent)
+            self._long_name_undo(new, written)
             raise
         if flags & pyfuse3.RENAME_EXCHANGE:
             if old_reg and new_reg:
@@ -804,6 +851,8 @@ class EncFS(pyfuse3.Operations):
             self._rename_sidecar(old, new)
         if intent is not None:
             self.journal.done(intent)
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            nm.remove_long_name(old)  # the old name is gone (a short one has none)
         ino_old = self._ino(st_old)
         self._drop_link(parent_inode_old, name_old, ino_old)
         if st_new is not None:
@@ -839,20 +888,24 @@ class EncFS(pyfuse3.Operations):
             # the key created later under one name would be missing under the other.
             await self._open_node(node, src if node.fd is None else b"")
             self._close_node(node)
+        src, dst = self._path(inode), self._new_name(new_parent_inode, new_name)  # after the await
         if os.path.lexists(dst):
             raise pyfuse3.FUSEError(errno.EEXIST)
-        # Sidecar first: a crash in between leaves an invisible orphan sidecar, never a
-        # data file without its key. It replaces any stale orphan at the new name.
+        # Long-name file and sidecar first: a crash in between leaves invisible orphans,
+        # never a data file without its key or name. The sidecar replaces any stale
+        # orphan at the new name.
+        written = self._long_name_first(dst, new_name, ctx)
         side = bk.sidecar_path(src)
-        if os.path.lexists(side):
-            tmp = bk.tmp_path(self.backing)
-            os.link(side, tmp, follow_symlinks=False)
-            os.rename(tmp, bk.sidecar_path(dst))
         try:
+            if os.path.lexists(side):
+                tmp = bk.tmp_path(self.backing)
+                os.link(side, tmp, follow_symlinks=False)
+                os.rename(tmp, bk.sidecar_path(dst))
             os.link(src, dst, follow_symlinks=False)
         except BaseException:
-            if os.path.lexists(side):
+            if os.path.lexists(side) and not os.path.lexists(dst):
                 bk.remove_sidecar(dst)
+            self._long_name_undo(dst, written)
             raise
         st = os.lstat(dst)
         return self._attr(st, self._remember(st, new_parent_inode, new_name).ino)
@@ -860,7 +913,12 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
         path = self._new_name(parent_inode, name)
-        os.symlink(target, path)
+        written = self._long_name_first(path, name, ctx)
+        try:
+            os.symlink(target, path)
+        except BaseException:
+            self._long_name_undo(path, written)
+            raise
         self._chown_new(path, ctx)
         st = os.lstat(path)
         return self._attr(st, self._remember(st, parent_inode, name).ino)
@@ -872,7 +930,12 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
         path = self._new_name(parent_inode, name)
-        os.mknod(path, mode, rdev)
+        written = self._long_name_first(path, name, ctx)
+        try:
+            os.mknod(path, mode, rdev)
+        except BaseException:
+            self._long_name_undo(path, written)
+            raise
         self._chown_new(path, ctx, mode=mode)
         st = os.lstat(path)
         return self._attr(st, self._remember(st, parent_inode, name).ino)
@@ -883,7 +946,10 @@ class EncFS(pyfuse3.Operations):
         path = self._path(inode)
         node = self.nodes.get(inode)
         # Names only: their attributes are taken when they are returned (readdir).
-        entries = [n for n in os.listdir(path) if not bk.is_reserved(inode == ROOT, n)]
+        entries, unnamed = nm.list_dir(path, inode == ROOT)
+        for b in unnamed:
+            log.warning("%s: long-name entry %s has no valid long-name file; not shown "
+                        "(encfs fsck reports it)", self._display(path), bk.printable(b))
         if node is not None and inode != ROOT:
             # Hold the directory open, like a file: fstat and fsyncdir keep working
             # after it is removed (fdopendir() stats an open, possibly removed dir).
@@ -903,12 +969,12 @@ class EncFS(pyfuse3.Operations):
         except pyfuse3.FUSEError:
             return  # removed since opendir: nothing more to list
         for i in range(start_id, len(entries)):
-            name = entries[i]
+            name, backing_name = entries[i].name, entries[i].backing
             # Attributes now, not from opendir: READDIRPLUS hands the kernel an inode per
             # entry, and a name removed meanwhile (whose inode number the backing fs may
             # already have reused) must not be linked to that number.
             try:
-                st = os.lstat(os.path.join(dirpath, name))
+                st = os.lstat(os.path.join(dirpath, backing_name))
             except FileNotFoundError:
                 continue
             node = self._remember(st, parent, name)  # its generation goes into the reply
@@ -939,7 +1005,7 @@ class EncFS(pyfuse3.Operations):
         for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                      "f_ffree", "f_favail"):
             setattr(out, attr, getattr(sv, attr))
-        out.f_namemax = sv.f_namemax - len(fmt.SIDECAR_SUFFIX)
+        out.f_namemax = nm.NAME_MAX  # long names fit whatever the backing's limit
         return out
 
     # --- extended attributes (policy and value format: encfs/xattrs.py, docs/FORMAT.md) -----

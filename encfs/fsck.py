@@ -23,6 +23,7 @@ from kms.client import KmsClient, KmsError
 
 from . import backing as bk
 from . import format as fmt
+from . import names as nm
 from .mounts import mount_of_backing
 from .spares import SPARE_PREFIX
 from .offline import Pair, bad_blocks, kms_client, read_data_header, read_record, unwrap
@@ -77,11 +78,14 @@ class Fsck:
         for dirpath, dirnames, filenames in os.walk(self.backing):
             if dirpath == self.backing:
                 dirnames[:] = [d for d in dirnames if d not in (bk.CONTROL_DIR, LOST_FOUND)]
+            self._check_long_names(dirpath, dirnames + filenames)
             for name in dirnames + filenames:
                 path = os.path.join(dirpath, name)
-                if fmt.is_sidecar_name(name):
+                kind = nm.classify(dirpath == self.backing, name)
+                if kind is nm.Kind.SIDECAR:
                     sidecars.append(path)
-                elif name in filenames and _is_regular(path):
+                elif (kind in (nm.Kind.OBJECT, nm.Kind.LONG_OBJECT) and name in filenames
+                      and _is_regular(path)):
                     data_files.append(path)
         total = len(data_files)
         self.report.files = total
@@ -101,6 +105,27 @@ class Fsck:
 
     def _rel(self, path: bytes) -> bytes:
         return os.path.relpath(path, self.backing)
+
+    def _check_long_names(self, dirpath: bytes, entries: list[bytes]) -> None:
+        """Every long-form entry needs its long-name file (else the mount cannot show
+        it); a long-name file without its entry is a harmless leftover of a crash."""
+        present = set(entries)
+        for name in entries:
+            kind = nm.classify(dirpath == self.backing, name)
+            path = os.path.join(dirpath, name)
+            if kind is nm.Kind.LONG_OBJECT and nm.read_long_name(path) is None:
+                p = self.report.add("missing-long-name", self._rel(path),
+                                    "long-name entry without a valid long-name file "
+                                    f"{os.fsdecode(name + nm.LONG_NAME_SUFFIX)}: the mount "
+                                    "does not show it")
+                self._to_lost_found(p, path)
+            elif kind is nm.Kind.LONG_NAME and nm.object_of(name) not in present:
+                p = self.report.add("orphan-long-name", self._rel(path),
+                                    "long-name file whose entry is gone (an interrupted "
+                                    "create, rename or unlink)")
+                if self.repair:
+                    os.unlink(path)
+                    p.repaired = "removed (it holds nothing but the name)"
 
     def _check_data_file(self, path: bytes) -> Pair | None:
         rel = self._rel(path)
@@ -170,7 +195,7 @@ class Fsck:
         for fid, side in available.items():
             if side in claimed or self._is_temp(side) and not self._parked(side):
                 continue
-            data = side[:-len(fmt.SIDECAR_SUFFIX)] if fmt.is_sidecar_name(side) else None
+            data = nm.data_of_sidecar(side) if nm.is_sidecar(side) else None
             if data is not None and os.path.lexists(data):
                 continue  # the sidecar of an empty file, or reported with its data file
             p = self.report.add("orphan-sidecar", self._rel(side),
@@ -187,7 +212,7 @@ class Fsck:
         """Move a wrong sidecar out of the way, where pairing can still find it."""
         rec = self._parse_sidecar(side)
         if rec is None:
-            problem = self._pair_problems.get(side[:-len(fmt.SIDECAR_SUFFIX)])
+            problem = self._pair_problems.get(nm.data_of_sidecar(side))
             self._to_lost_found(problem or self.report.add(
                 "bad-sidecar", self._rel(side), "damaged"), side)
             return
@@ -284,14 +309,18 @@ class Fsck:
         lf = os.path.join(self.backing, LOST_FOUND)
         os.makedirs(lf, mode=0o700, exist_ok=True)
         flat = self._rel(path).replace(b"/", b"%")
+        if flat.startswith(nm.LONG_PREFIX):  # keep it visible in the mount's lost+found
+            flat = b"unnamed-" + flat
         dest = os.path.join(lf, flat)
         n = 1
         while os.path.lexists(dest):
             n += 1
             dest = os.path.join(lf, flat + b"~%d" % n)
         os.rename(path, dest)
-        if not fmt.is_sidecar_name(path) and os.path.lexists(bk.sidecar_path(path)):
+        if not nm.is_sidecar(path) and os.path.lexists(bk.sidecar_path(path)):
             os.rename(bk.sidecar_path(path), bk.sidecar_path(dest))
+        if nm.long_name_of(path) is not None and nm.long_name_of(dest) is None:
+            nm.remove_long_name(path)  # its name went with it (or was never there)
         problem.repaired = f"moved to {os.fsdecode(self._rel(dest))}"
 
     def _cut_torn_tail(self, problem: Problem, pair: Pair) -> None:

@@ -474,12 +474,11 @@ def _rename_at(src: _Beneath, sname: bytes, dst: _Beneath, dname: bytes,
 
 
 def _replay_rename(root: bytes, r: dict[str, Any]) -> str:
-    from .format import SIDECAR_SUFFIX
-    sfx = SIDECAR_SUFFIX.encode()
+    from .names import sidecar_of
     shown_old, shown_new = _show(r["old"]), _show(r["new"])
     with _Beneath(root, r["old"]) as o, _Beneath(root, r["new"]) as n:
         old, new = o.name, n.name
-        old_s, new_s = old + sfx, new + sfx
+        old_s, new_s = sidecar_of(old), sidecar_of(new)
         exchange = bool(r["flags"] & RENAME_EXCHANGE)
         data_moved = _ino_at(n.fd, new) == r["old_ino"]
         if not data_moved:

@@ -48,7 +48,9 @@ def backing_path_of(path: str) -> str:
                 best = m
     if best is None:
         return path
-    return os.path.normpath(os.path.join(best.backing, os.path.relpath(real, best.mountpoint)))
+    from .names import backing_path  # each name through the name layer (long names)
+    rel = os.path.relpath(real, best.mountpoint)
+    return os.fsdecode(backing_path(os.fsencode(best.backing), os.fsencode(rel)))
 
 
 def _mountinfo() -> list[tuple[str, str, str]]:

@@ -16,6 +16,7 @@ from typing import Sequence
 from kms.client import KmsError
 
 from . import format as fmt
+from . import names as nm
 from .backing import CONTROL_DIR, printable, read_sidecar_file
 from .cipher import BlockAuthError
 from .keys import key_version
@@ -103,7 +104,7 @@ def files_with_id(top: str, file_id: bytes) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(backing):
         dirnames[:] = [d for d in dirnames if d != CONTROL_DIR]
         for name in filenames:
-            if not fmt.is_sidecar_name(name):
+            if not nm.is_sidecar(name):
                 continue
             side = os.path.join(dirpath, name)
             try:
@@ -111,7 +112,7 @@ def files_with_id(top: str, file_id: bytes) -> list[str]:
             except (OSError, fmt.FormatError):
                 continue
             if rec.file_id == file_id:
-                found.append(os.fsdecode(side[:-len(fmt.SIDECAR_SUFFIX)]))
+                found.append(os.fsdecode(nm.data_of_sidecar(side)))
     return sorted(found)
 
 
@@ -133,16 +134,16 @@ def decrypt_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="encfs decrypt",
                                 description="Write the plaintext of a backing data file to "
                                             "stdout, using only the KMS (no mount).")
-    p.add_argument("backing_file")
+    p.add_argument("backing_file", help="a backing data file, or a file in a mount")
     _kms_args(p)
     args = p.parse_args(argv)
-    path = os.fsencode(args.backing_file)
+    path = os.fsencode(backing_path_of(args.backing_file))
     try:
         pair = read_pair(path)
         if pair.header is None:
             return 0
         if pair.record is None:
-            raise fmt.FormatError(f"no sidecar {os.fsdecode(path)}{fmt.SIDECAR_SUFFIX}")
+            raise fmt.FormatError(f"no sidecar {os.fsdecode(nm.sidecar_of(path))}")
         if pair.record.file_id != pair.header.file_id:
             raise fmt.FormatError("the sidecar belongs to another file (file id mismatch)")
         with kms_client(args.kms_socket, args.project_id) as c:

@@ -22,6 +22,7 @@ from kms.client import KmsClient, KmsError
 
 from . import backing as bk
 from . import format as fmt
+from . import names as nm
 from .keys import file_aad, key_version
 from .mounts import backing_path_of
 from .offline import kms_client
@@ -41,7 +42,7 @@ def sidecars_under(backing: bytes, top: bytes) -> Iterator[bytes]:
         if dirpath == backing:
             dirnames[:] = [d for d in dirnames if d != bk.CONTROL_DIR]
         for name in filenames:
-            if not fmt.is_sidecar_name(name):
+            if not nm.is_sidecar(name):
                 continue
             path = os.path.join(dirpath, name)
             try:

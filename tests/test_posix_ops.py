@@ -27,7 +27,7 @@ from encfs.pytest_plugin import short_tempdir, mount_with_own_kms
 pytestmark = pytest.mark.fuse
 
 SUFFIX = fmt.SIDECAR_SUFFIX
-NAME_MAX = 255 - len(SUFFIX)  # the documented limit through the mount
+NAME_MAX = 255  # as ext4, whatever the backing's own limit (long names: docs/FORMAT.md)
 NOBODY = 65534
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -579,7 +579,7 @@ def test_ctime_and_mtime_follow_changes(d):
 def test_statfs_and_name_limits(both, mnt):
     d = both[1]
     sv = os.statvfs(d)
-    assert sv.f_namemax == NAME_MAX == os.statvfs(both[0]).f_namemax - len(SUFFIX)
+    assert sv.f_namemax == NAME_MAX == os.statvfs(both[0]).f_namemax
     assert sv.f_blocks > 0 and sv.f_bsize > 0
     ok, long = "n" * NAME_MAX, "n" * (NAME_MAX + 1)
     write(f"{d}/src", b"x")
@@ -599,16 +599,26 @@ def test_statfs_and_name_limits(both, mnt):
         else:
             os.unlink(p)
     # Beyond 255 the kernel refuses, as everywhere.
-    assert err(os.stat, f"{d}/{'n' * 256}") == errno.ENAMETOOLONG
-    assert err(os.stat, f"{d}/{long}") == errno.ENOENT
+    assert err(os.stat, f"{d}/{long}") == errno.ENAMETOOLONG
 
 
-def test_reserved_names_refused_and_hidden(d, mnt):
-    assert err(write, f"{d}/x{SUFFIX}", b"") == errno.EINVAL
-    assert err(os.mkdir, f"{d}/y{SUFFIX}") == errno.EINVAL
+def test_only_the_control_dir_is_reserved(d, mnt):
+    """Names ending in the sidecar suffix or looking like the long-name form are stored
+    as long names (docs/FORMAT.md), so users may have them; only /.encfs stays ours."""
     write(f"{d}/x", b"1")
-    assert err(os.rename, f"{d}/x", f"{d}/z{SUFFIX}") == errno.EINVAL
-    assert err(os.stat, f"{d}/x{SUFFIX}") == errno.ENOENT
+    assert err(os.stat, f"{d}/x{SUFFIX}") == errno.ENOENT  # the sidecar stays hidden
+    write(f"{d}/x{SUFFIX}", b"mine")
+    os.mkdir(f"{d}/y{SUFFIX}")
+    os.rename(f"{d}/x", f"{d}/z{SUFFIX}")
+    write(f"{d}/encfs.long.abc", b"2")
+    assert sorted(os.listdir(d)) == sorted([f"x{SUFFIX}", f"y{SUFFIX}", f"z{SUFFIX}",
+                                            "encfs.long.abc"])
+    assert open(f"{d}/z{SUFFIX}", "rb").read() == b"1"
+    assert open(f"{d}/x{SUFFIX}", "rb").read() == b"mine"
+    for n in (f"x{SUFFIX}", f"z{SUFFIX}", "encfs.long.abc"):
+        os.unlink(f"{d}/{n}")
+    os.rmdir(f"{d}/y{SUFFIX}")
+    write(f"{d}/x", b"1")
     assert err(os.stat, f"{mnt.mountpoint}/.encfs") == errno.ENOENT
     assert err(os.mkdir, f"{mnt.mountpoint}/.encfs") == errno.EINVAL
     os.mkdir(f"{d}/.encfs")  # reserved only at the root

@@ -1,0 +1,286 @@
+"""The name layer: which backing names hold a plaintext name (docs/FORMAT.md, "Names").
+
+Every tool maps names through here; nothing else builds backing names. A plaintext
+``name`` in the directory whose backing path is ``parent`` is stored as:
+
+* itself, when it fits: ``name`` (data file, directory, symlink...) and ``name.sfskey``
+  (the sidecar of a regular file) both within NAME_MAX (255) bytes, and ``name`` is not one
+  of the backing names this layer uses itself (below);
+* otherwise, as a **long name**: ``encfs.long.<H>`` with ``H`` = unpadded base64url of
+  SHA-256(name) (43 characters), its sidecar ``encfs.long.<H>.sfskey`` beside it as for any
+  name, and the plaintext name in the **long-name file** ``encfs.long.<H>.name`` (the name's
+  bytes, nothing else). Names of 249 to 255 bytes, names ending in ``.sfskey`` and names
+  starting with ``encfs.long.`` are long, so every name a user may give is usable except
+  ``.encfs`` in the root (the control directory).
+
+A long-name file's content is fixed by its own name (the hash), so writing one is
+idempotent and a leftover one (a crash between its creation and the data file's, or after
+the data file left) is harmless: it is shown only beside an existing ``encfs.long.<H>``
+whose hash it matches, and fsck and rmdir remove those without one.
+
+The mapping takes the parent directory as well as the name: filename encryption will
+replace it here, with a per-directory key found from ``parent``.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import errno
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+
+from . import format as fmt
+
+NAME_MAX = 255
+SIDECAR_SUFFIX = fmt.SIDECAR_SUFFIX.encode()
+LONG_PREFIX = b"encfs.long."
+LONG_NAME_SUFFIX = b".name"
+CONTROL_DIR = b".encfs"
+#: the longest name stored as itself: its sidecar must fit in NAME_MAX too
+SHORT_MAX = NAME_MAX - len(SIDECAR_SUFFIX)
+_HASH_CHARS = 43  # unpadded base64 of 32 bytes
+
+
+class NameError_(Exception):
+    """A plaintext name that cannot exist (the errno to answer with)."""
+
+    def __init__(self, err: int):
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+class Kind(enum.Enum):
+    """What a backing directory entry is."""
+
+    OBJECT = "object"  # a data file, directory, symlink... under its own plaintext name
+    LONG_OBJECT = "long object"  # the same under a long name's hashed name
+    SIDECAR = "sidecar"  # the key record of the object whose backing name it extends
+    LONG_NAME = "long-name file"  # the plaintext of a long name
+    CONTROL = "control"  # .encfs in the backing root
+
+
+@dataclass(frozen=True)
+class BackingNames:
+    """The backing names of one plaintext name, relative to its backing directory."""
+
+    data: bytes
+    sidecar: bytes
+    long_name: bytes | None  # the long-name file; None when the name is stored as itself
+
+    @property
+    def is_long(self) -> bool:
+        return self.long_name is not None
+
+
+def _hash(name: bytes) -> bytes:
+    return base64.urlsafe_b64encode(hashlib.sha256(name).digest()).rstrip(b"=")
+
+
+def is_long_form(name: bytes) -> bool:
+    """Whether a plaintext name is stored under a hashed name."""
+    return (len(name) > SHORT_MAX or name.endswith(SIDECAR_SUFFIX)
+            or name.startswith(LONG_PREFIX))
+
+
+def check_name(parent_is_root: bool, name: bytes, creating: bool) -> None:
+    """Raise NameError_ for names no directory can hold: too long, empty, with a slash,
+    ``.``/``..``, or the control directory in the root (EINVAL when creating it, ENOENT
+    when looking it up)."""
+    if len(name) > NAME_MAX:
+        raise NameError_(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise NameError_(errno.EINVAL)
+    if parent_is_root and name == CONTROL_DIR:
+        raise NameError_(errno.EINVAL if creating else errno.ENOENT)
+
+
+def backing_names(parent: bytes, name: bytes) -> BackingNames:
+    """The backing names of plaintext ``name`` in the backing directory ``parent``.
+    (``parent`` is unused until filename encryption gives directories keys.)"""
+    if not is_long_form(name):
+        return BackingNames(name, name + SIDECAR_SUFFIX, None)
+    hashed = LONG_PREFIX + _hash(name)
+    return BackingNames(hashed, hashed + SIDECAR_SUFFIX, hashed + LONG_NAME_SUFFIX)
+
+
+def data_path(parent: bytes, name: bytes) -> bytes:
+    """The backing path of plaintext ``name`` in backing directory ``parent``."""
+    return os.path.join(parent, backing_names(parent, name).data)
+
+
+def sidecar_of(data_path_: bytes) -> bytes:
+    """The sidecar path of a backing data path (of either form)."""
+    return data_path_ + SIDECAR_SUFFIX
+
+
+def long_name_of(data_path_: bytes) -> bytes | None:
+    """The long-name file beside a backing data path, None for a name stored as itself."""
+    base = os.path.basename(data_path_)
+    return data_path_ + LONG_NAME_SUFFIX if base.startswith(LONG_PREFIX) else None
+
+
+def classify(parent_is_root: bool, backing_name: bytes) -> Kind:
+    """What the backing entry ``backing_name`` is."""
+    if parent_is_root and backing_name == CONTROL_DIR:
+        return Kind.CONTROL
+    if backing_name.endswith(SIDECAR_SUFFIX):
+        return Kind.SIDECAR
+    if backing_name.startswith(LONG_PREFIX):
+        return Kind.LONG_NAME if backing_name.endswith(LONG_NAME_SUFFIX) else Kind.LONG_OBJECT
+    return Kind.OBJECT
+
+
+def is_sidecar(backing_name: bytes) -> bool:
+    return backing_name.endswith(SIDECAR_SUFFIX)
+
+
+def data_of_sidecar(side: bytes) -> bytes:
+    """The data path (or name) a sidecar path (or name) belongs to."""
+    assert is_sidecar(side)
+    return side[:-len(SIDECAR_SUFFIX)]
+
+
+def object_of(backing_name: bytes) -> bytes | None:
+    """The backing name of the object a sidecar or long-name file belongs to."""
+    for suffix in (SIDECAR_SUFFIX, LONG_NAME_SUFFIX):
+        if backing_name.endswith(suffix):
+            return backing_name[:-len(suffix)]
+    return None
+
+
+def plain_of_long(hashed: bytes, content: bytes) -> bytes | None:
+    """The plaintext name a long-name file's ``content`` gives for ``encfs.long.<H>``, or
+    None when it is not that name's (damaged, planted, or for another hash)."""
+    if not content or len(content) > NAME_MAX or b"/" in content or b"\0" in content:
+        return None
+    if not is_long_form(content):
+        return None
+    return content if hmac.compare_digest(LONG_PREFIX + _hash(content), hashed) else None
+
+
+# --- I/O: long-name files and listings ----------------------------------------------------
+
+def read_long_name(data_path_: bytes) -> bytes | None:
+    """The plaintext name of the long-form entry at ``data_path_``; None when its long-name
+    file is missing, unreadable or does not match (never follows a link, never blocks)."""
+    path = long_name_of(data_path_)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        content = os.read(fd, NAME_MAX + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return plain_of_long(os.path.basename(data_path_), content)
+
+
+def write_long_name(tmp_path: bytes, data_path_: bytes, name: bytes,
+                    owner: tuple[int, int] | None = None) -> bool:
+    """Make the long-name file of ``name`` beside ``data_path_`` durable before the entry
+    itself is created or renamed there (temp file, fsync, rename). True if it was written,
+    False if a matching one was there already. ``tmp_path`` is a fresh temp path on the
+    same filesystem (the control directory's)."""
+    path = long_name_of(data_path_)
+    assert path is not None
+    if read_long_name(data_path_) == name:
+        return False
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.write(fd, name)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp_path)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+    return True
+
+
+def remove_long_name(data_path_: bytes) -> None:
+    """Remove the long-name file beside ``data_path_`` (after the entry itself is gone)."""
+    path = long_name_of(data_path_)
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One plaintext directory entry and the backing name holding it."""
+
+    name: bytes
+    backing: bytes
+
+
+def list_dir(dirpath: bytes, parent_is_root: bool,
+             backing_names_: list[bytes] | None = None) -> tuple[list[Entry], list[bytes]]:
+    """The plaintext entries of backing directory ``dirpath``, and the backing names of
+    long-form entries whose name could not be read (hidden; for a log line or fsck)."""
+    names = os.listdir(dirpath) if backing_names_ is None else backing_names_
+    entries: list[Entry] = []
+    unnamed: list[bytes] = []
+    for b in names:
+        kind = classify(parent_is_root, b)
+        if kind is Kind.OBJECT:
+            entries.append(Entry(b, b))
+        elif kind is Kind.LONG_OBJECT:
+            plain = read_long_name(os.path.join(dirpath, b))
+            if plain is None:
+                unnamed.append(b)
+            else:
+                entries.append(Entry(plain, b))
+    return entries, unnamed
+
+
+def orphans(names: list[bytes]) -> list[bytes]:
+    """Sidecars and long-name files in a listing whose object is not in it."""
+    present = set(names)
+    return [n for n in names if (o := object_of(n)) is not None and o not in present
+            and classify(False, n) in (Kind.SIDECAR, Kind.LONG_NAME)]
+
+
+def backing_path(root: bytes, rel: bytes) -> bytes:
+    """The backing path of plaintext path ``rel`` (relative to the mount's root) in the
+    backing dir ``root``: each component through the name layer."""
+    path = root
+    for part in rel.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        path = os.path.dirname(path) if part == b".." else data_path(path, part)
+    return path
+
+
+def plain_path(backing: bytes, path: bytes) -> bytes:
+    """The plaintext path, relative to the backing root, of a backing path below it (long
+    names resolved through their long-name files; an unreadable one stays hashed)."""
+    rel = os.path.relpath(path, backing)
+    if rel == b".":
+        return rel
+    out, cur = [], backing
+    for part in rel.split(b"/"):
+        cur = os.path.join(cur, part)
+        plain = read_long_name(cur) if part.startswith(LONG_PREFIX) else None
+        if plain is None and (o := object_of(part)) is not None and o.startswith(LONG_PREFIX):
+            # a sidecar or long-name file of a long name: show it under the name
+            base = read_long_name(os.path.join(os.path.dirname(cur), o))
+            plain = base + part[len(o):] if base is not None else None
+        out.append(plain if plain is not None else part)
+    return b"/".join(out)
