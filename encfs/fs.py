@@ -33,6 +33,7 @@ from . import names as nm
 from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
 from .inodes import InodeTable
+from .longpath import LongPaths
 from .journal import Journal
 from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
@@ -153,6 +154,7 @@ class EncFS(pyfuse3.Operations):
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
         self.root_ino = os.lstat(backing).st_ino
         self.nodes = InodeTable(self.root_ino, Node)  # node ids and generations
+        self.long_paths = LongPaths()  # backing paths past PATH_MAX
         self.dir_handles: dict[int, tuple[int, list[bytes]]] = {}
         self._next_dh = 1
         self.as_root = os.geteuid() == 0
@@ -174,14 +176,14 @@ class EncFS(pyfuse3.Operations):
         path = self.backing
         for name in reversed(parts):
             path = nm.data_path(path, name)  # the name layer: long names are hashed
-        return path
+        return self.long_paths.short(path)
 
     def _live_link(self, node: Node) -> tuple[int, bytes]:
         """One of several names of a node that still leads to it; drops names that no
         longer do (changed behind our back, with --shared-backing)."""
         for parent, name in sorted(node.links):
             try:
-                st = os.lstat(nm.data_path(self._path(parent), name))
+                st = os.lstat(self.long_paths.short(nm.data_path(self._path(parent), name)))
             except (OSError, pyfuse3.FUSEError):
                 st = None
             if st is not None and self._ino(st) == node.ino:
@@ -195,7 +197,7 @@ class EncFS(pyfuse3.Operations):
             nm.check_name(parent == ROOT, name, creating=False)
         except nm.NameError_ as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        return nm.data_path(self._path(parent), name)
+        return self.long_paths.short(nm.data_path(self._path(parent), name))
 
     def _new_name(self, parent: int, name: bytes) -> bytes:
         """Backing path for a name being created; refuses the control dir's name and names
@@ -204,7 +206,7 @@ class EncFS(pyfuse3.Operations):
             nm.check_name(parent == ROOT, name, creating=True)
         except nm.NameError_ as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        return nm.data_path(self._path(parent), name)
+        return self.long_paths.short(nm.data_path(self._path(parent), name))
 
     def _long_name_first(self, path: bytes, name: bytes, ctx=None) -> bool:
         """Before an entry is created or renamed to backing ``path``: make the long-name
@@ -280,7 +282,7 @@ class EncFS(pyfuse3.Operations):
         """
         if not self.as_root or (ctx.uid == self.euid and ctx.gid == self.egid):
             return  # created by us for ourselves: already right, save two syscalls
-        gid = -1 if os.lstat(os.path.dirname(path)).st_mode & stat.S_ISGID else ctx.gid
+        gid = -1 if os.stat(os.path.dirname(path)).st_mode & stat.S_ISGID else ctx.gid
         if fd is not None:
             os.fchown(fd, ctx.uid, gid)
         else:
@@ -787,6 +789,7 @@ class EncFS(pyfuse3.Operations):
             if e.errno != errno.ENOTEMPTY or not self._remove_orphan_sidecars(path):
                 raise
             os.rmdir(path)
+        self.long_paths.invalidate()
         nm.remove_long_name(path)
         self._drop_link(parent_inode, name, self._ino(st), last=True)
 
@@ -851,6 +854,8 @@ class EncFS(pyfuse3.Operations):
             self._rename_sidecar(old, new)
         if intent is not None:
             self.journal.done(intent)
+        if stat.S_ISDIR(st_old.st_mode) or st_new is not None and stat.S_ISDIR(st_new.st_mode):
+            self.long_paths.invalidate()
         if not flags & pyfuse3.RENAME_EXCHANGE:
             nm.remove_long_name(old)  # the old name is gone (a short one has none)
         ino_old = self._ino(st_old)
@@ -974,7 +979,7 @@ class EncFS(pyfuse3.Operations):
             # entry, and a name removed meanwhile (whose inode number the backing fs may
             # already have reused) must not be linked to that number.
             try:
-                st = os.lstat(os.path.join(dirpath, backing_name))
+                st = os.lstat(self.long_paths.short(os.path.join(dirpath, backing_name)))
             except FileNotFoundError:
                 continue
             node = self._remember(st, parent, name)  # its generation goes into the reply
@@ -1171,6 +1176,7 @@ class EncFS(pyfuse3.Operations):
         """At unmount: forgets may never arrive, so drop every open backing fd."""
         self.spares.stop()
         self.journal.close()
+        self.long_paths.invalidate()
         for node in self.nodes.values():
             if node.fd is not None:
                 os.close(node.fd)
