@@ -1027,18 +1027,57 @@ class EncFS(pyfuse3.Operations):
             return fn(node.fd, *args)
         return fn(self._path(inode), *args, follow_symlinks=False)
 
-    async def _xattr_cipher(self, inode: int) -> xa.XattrCipher:
+    async def _xattr_cipher(self, inode: int, create: bool = False) -> xa.XattrCipher | None:
         """The value cipher of a regular file (loads its key; may create one for an empty
-        file made outside the mount)."""
+        file made outside the mount) or of a directory (`_dir_xattr_cipher`)."""
         node = self.nodes.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if stat.S_ISDIR(self._stat(inode).st_mode):
+            return await self._dir_xattr_cipher(node, inode, create)
         await self._open_node(node, self._path(inode) if node.fd is None else b"")
         try:
             assert node.xattr is not None
             return node.xattr
         finally:
             self._close_node(node)
+
+    async def _dir_xattr_cipher(self, node: Node, inode: int,
+                                create: bool) -> xa.XattrCipher | None:
+        """A directory's value cipher, from the key record in its backing
+        ``user.encfs.dirkey`` (docs/FORMAT.md); with ``create``, a directory without one
+        gets a new DEK (from its CMK for new files). None: no record and not creating."""
+        async with node.key_lock:
+            if node.xattr is not None:
+                return node.xattr
+            try:
+                blob = self._xattr_call(inode, os.getxattr, xa.DIR_RECORD_XATTR)
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
+                blob = None
+            where = f"directory {self._display(self._path(inode))}"
+            if blob is None:
+                if not create:
+                    return None
+                record, dek = await self._new_key(inode)
+                try:
+                    self._xattr_call(inode, os.setxattr, xa.DIR_RECORD_XATTR,
+                                     fmt.encode_sidecar(record), os.XATTR_CREATE)
+                except FileExistsError:  # made meanwhile (the KMS call awaited): use it
+                    blob = self._xattr_call(inode, os.getxattr, xa.DIR_RECORD_XATTR)
+            if blob is not None:
+                try:
+                    record = fmt.decode_sidecar(blob)
+                except fmt.FormatError as e:
+                    log.error("%s: damaged directory key record: %s", where, e)
+                    raise pyfuse3.FUSEError(errno.EIO) from None
+                try:
+                    dek = await self.keys.unwrap(record, where)
+                except KeyError_ as e:
+                    raise pyfuse3.FUSEError(e.errno) from None
+            node.xattr = xa.XattrCipher(dek, record.file_id)
+            return node.xattr
 
     def _check_xattr_name(self, name: bytes, setting: bool) -> xa.Kind:
         kind = xa.classify(name)
@@ -1122,9 +1161,11 @@ class EncFS(pyfuse3.Operations):
             raise
         if kind is xa.Kind.PLAIN:
             return blob
-        if not stat.S_ISREG(self._stat(inode).st_mode):
+        mode = self._stat(inode).st_mode
+        cipher = (await self._xattr_cipher(inode)
+                  if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else None)
+        if cipher is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # not ours: set outside the mount
-        cipher = await self._xattr_cipher(inode)
         try:
             return cipher.decrypt(name, blob)
         except xa.XattrAuthError as e:
@@ -1137,9 +1178,10 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def listxattr(self, inode: int, ctx) -> list[bytes]:
         names = [os.fsencode(n) for n in self._xattr_call(inode, os.listxattr)]
-        regular = stat.S_ISREG(self._stat(inode).st_mode)
+        mode = self._stat(inode).st_mode
+        ours = stat.S_ISREG(mode) or stat.S_ISDIR(mode)  # objects with a DEK for values
         return [n for n in names if xa.visible(n)
-                and (regular or xa.classify(n) is not xa.Kind.ENCRYPTED)]
+                and (ours or xa.classify(n) is not xa.Kind.ENCRYPTED)]
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
@@ -1149,10 +1191,11 @@ class EncFS(pyfuse3.Operations):
             self.nodes[inode].no_caps = False
         kind = self._check_xattr_name(name, setting=True)
         if kind is xa.Kind.ENCRYPTED:
-            if not stat.S_ISREG(self._stat(inode).st_mode):
-                # Only regular files have a DEK to encrypt with (docs/FORMAT.md).
+            mode = self._stat(inode).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                # Only files and directories have a DEK to encrypt with (docs/FORMAT.md).
                 raise pyfuse3.FUSEError(errno.ENOTSUP)
-            value = (await self._xattr_cipher(inode)).encrypt(name, value)
+            value = (await self._xattr_cipher(inode, create=True)).encrypt(name, value)
         self._xattr_call(inode, os.setxattr, name, value)
 
     @_fuse_errors
@@ -1164,7 +1207,8 @@ class EncFS(pyfuse3.Operations):
             self._dir_keys.clear()
             return self._xattr_call(inode, os.removexattr, name)
         kind = self._check_xattr_name(name, setting=True)
-        if kind is xa.Kind.ENCRYPTED and not stat.S_ISREG(self._stat(inode).st_mode):
+        mode = self._stat(inode).st_mode
+        if kind is xa.Kind.ENCRYPTED and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         self._xattr_call(inode, os.removexattr, name)
 

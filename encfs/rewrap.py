@@ -26,6 +26,7 @@ from . import names as nm
 from .keys import file_aad, key_version
 from .mounts import backing_path_of
 from .offline import kms_client
+from .xattrs import DIR_RECORD_XATTR
 
 
 @dataclass
@@ -52,6 +53,33 @@ def sidecars_under(backing: bytes, top: bytes) -> Iterator[bytes]:
             if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
                 yield path
+
+
+def dirs_with_records(backing: bytes, top: bytes) -> Iterator[bytes]:
+    """Every directory below ``top`` (itself included) that has a key record for its
+    ``user.*`` values (docs/FORMAT.md, "Directory keys")."""
+    for dirpath, dirnames, _ in os.walk(top):
+        if dirpath == backing:
+            dirnames[:] = [d for d in dirnames if d != bk.CONTROL_DIR]
+        try:
+            if os.fsdecode(DIR_RECORD_XATTR) in os.listxattr(dirpath, follow_symlinks=False):
+                yield dirpath
+        except OSError:
+            continue
+
+
+def rewrite_dir_record(dirpath: bytes,
+                       update: Callable[[fmt.KeyRecord], fmt.KeyRecord | None]) -> fmt.KeyRecord | None:
+    """`rewrite_record` for a directory's record: the new value (old record kept in the
+    other slot) replaces the attribute in one setxattr, which is atomic."""
+    data = os.getxattr(dirpath, DIR_RECORD_XATTR, follow_symlinks=False)
+    new = update(fmt.decode_sidecar(data))
+    if new is None:
+        return None
+    off, slot, written = fmt.next_slot_write(data, new)
+    os.setxattr(dirpath, DIR_RECORD_XATTR, data[:off] + slot + data[off + len(slot):],
+                os.XATTR_REPLACE, follow_symlinks=False)
+    return written
 
 
 def rewrite_record(side: bytes,
@@ -101,10 +129,12 @@ def run(backing: bytes, top: bytes, client: KmsClient, to_key: str | None,
     summary = RewrapSummary()
     rewrapper = Rewrapper(client, to_key)
     paths = list(sidecars_under(backing, top))
-    for i, side in enumerate(paths, 1):
+    dirs = list(dirs_with_records(backing, top))
+    for i, side in enumerate(paths + dirs, 1):
         rel = bk.printable(os.path.relpath(side, backing))
+        rewrite = rewrite_record if i <= len(paths) else rewrite_dir_record
         try:
-            if rewrite_record(side, rewrapper.rewrap) is None:
+            if rewrite(side, rewrapper.rewrap) is None:
                 summary.current += 1
             else:
                 summary.rewrapped += 1

@@ -5,9 +5,12 @@ Policy (docs/FORMAT.md, "Extended attributes"):
 
 * ``user.*`` on regular files: the value is encrypted with the file's DEK and stored under
   the same name on the backing data file. Hard links share it (xattrs belong to the inode),
-  renames carry it. Directories, symlinks and special files have no DEK: ``user.*`` on a
-  directory is refused with ENOTSUP (the kernel itself already refuses ``user.*`` on
-  symlinks and device nodes with EPERM, as on ext4).
+  renames carry it.
+* ``user.*`` on directories: the same, with the directory's own DEK, whose key record (a
+  sidecar's bytes) is the backing directory's ``user.encfs.dirkey`` attribute, made when
+  the first value is set (`DIR_RECORD_XATTR`). It moves with the directory on rename. The
+  kernel itself refuses ``user.*`` on symlinks and device nodes with EPERM, as on ext4;
+  ``trusted.*``/``security.*`` on symlinks pass through like on any other object.
 * ``user.encfs.*`` is ours: hidden from listings, reads give ENODATA, writes EINVAL. The
   one exception is the root's ``user.encfs.pid`` control attribute (`encfs umount`).
 * ``trusted.*``, ``security.*`` and POSIX ACLs (``system.posix_acl_access/default``) are
@@ -27,11 +30,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from . import format as fmt
 
 PASSTHROUGH_PREFIXES = (b"trusted.", b"security.")
+#: a directory's key record for its ``user.*`` values (the sidecar format, docs/FORMAT.md)
+DIR_RECORD_XATTR = b"user.encfs.dirkey"
 ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
 class Kind(enum.Enum):
-    ENCRYPTED = "encrypted"  # user.*: value encrypted with the file's DEK
+    ENCRYPTED = "encrypted"  # user.*: value encrypted with the file's or directory's DEK
     RESERVED = "reserved"  # user.encfs.*: ours, never the user's
     PLAIN = "plain"  # trusted.*, security.*, ACLs: passed through in the clear
     UNSUPPORTED = "unsupported"

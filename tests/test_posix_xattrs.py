@@ -176,14 +176,21 @@ def test_reserved_names_hidden_and_refused(both, mnt):
     assert int(os.getxattr(mnt.mountpoint, "user.encfs.pid")) == mnt.process.pid
 
 
-def test_directories_refuse_user_xattrs(both):
-    """Directories have no DEK, so user.* on them is refused with ENOTSUP (ext4 allows it;
-    README: known differences)."""
-    d = both[1]
-    os.mkdir(f"{d}/dir")
-    assert err(os.setxattr, f"{d}/dir", "user.a", b"x") == errno.ENOTSUP
-    assert err(os.getxattr, f"{d}/dir", "user.a") == errno.ENODATA
-    assert err(os.removexattr, f"{d}/dir", "user.a") == errno.ENODATA
+def test_directories_user_xattrs_as_on_ext4(both):
+    """user.* on directories, encrypted with the directory's own key (docs/FORMAT.md),
+    behave as on ext4 (more in tests/test_dir_xattrs.py)."""
+    def scenario(r):
+        os.mkdir(f"{r}/dir")
+        out = [err(os.getxattr, f"{r}/dir", "user.a"), err(os.removexattr, f"{r}/dir", "user.a")]
+        out.append(err(os.setxattr, f"{r}/dir", "user.a", b"x"))
+        out += [os.getxattr(f"{r}/dir", "user.a"), sorted(os.listxattr(f"{r}/dir"))]
+        out.append(err(os.setxattr, f"{r}/dir", "user.a", b"y", os.XATTR_CREATE))
+        out.append(err(os.setxattr, f"{r}/dir", "user.b", b"y", os.XATTR_REPLACE))
+        out.append(err(os.removexattr, f"{r}/dir", "user.a"))
+        out.append(sorted(os.listxattr(f"{r}/dir")))
+        return out
+    assert same(both, scenario) == [errno.ENODATA, errno.ENODATA, 0, b"x", ["user.a"],
+                                    errno.EEXIST, errno.ENODATA, 0, []]
 
 
 def test_trusted_and_security_pass_through(both, mnt):
