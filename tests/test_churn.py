@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")]
 
 UIDS = (0, 60011, 60012)
-ITERATIONS = 150
+ITERATIONS = int(os.environ.get("ENCFS_CHURN_ITERATIONS", "150"))  # 600: about 20 s here
 
 
 def _churn(top: str, tag: str, uid: int, iterations: int) -> tuple[Counter, list[str]]:
