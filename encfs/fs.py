@@ -212,11 +212,13 @@ class EncFS(pyfuse3.Operations):
         """Before an entry is created or renamed to backing ``path``: make the long-name
         file of ``name`` durable, if the name is long. True if one was written (for
         `_long_name_undo` when the operation then fails)."""
-        if nm.long_name_of(path) is None:
-            return False
-        owner = ((ctx.uid, ctx.gid) if ctx is not None and self.as_root
-                 and (ctx.uid, ctx.gid) != (self.euid, self.egid) else None)
-        return nm.write_long_name(bk.tmp_path(self.backing), path, name, owner)
+        long_name = nm.long_name_of(path)
+        if long_name is None or nm.read_long_name(path) == name:
+            return False  # a short name, or the file is there (its content is fixed)
+        bk.write_file_atomic(self.backing, long_name, name, mode=0o644)  # fsynced, renamed
+        if ctx is not None and self.as_root and (ctx.uid, ctx.gid) != (self.euid, self.egid):
+            os.chown(long_name, ctx.uid, ctx.gid, follow_symlinks=False)
+        return True
 
     @staticmethod
     def _long_name_undo(path: bytes, written: bool) -> None:

@@ -182,36 +182,6 @@ def read_long_name(data_path_: bytes) -> bytes | None:
     return plain_of_long(os.path.basename(data_path_), content)
 
 
-def write_long_name(tmp_path: bytes, data_path_: bytes, name: bytes,
-                    owner: tuple[int, int] | None = None) -> bool:
-    """Make the long-name file of ``name`` beside ``data_path_`` durable before the entry
-    itself is created or renamed there (temp file, fsync, rename). True if it was written,
-    False if a matching one was there already. ``tmp_path`` is a fresh temp path on the
-    same filesystem (the control directory's)."""
-    path = long_name_of(data_path_)
-    assert path is not None
-    if read_long_name(data_path_) == name:
-        return False
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
-    try:
-        os.write(fd, name)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp_path)
-        raise
-    os.close(fd)
-    try:
-        os.rename(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
-    return True
-
-
 def remove_long_name(data_path_: bytes) -> None:
     """Remove the long-name file beside ``data_path_`` (after the entry itself is gone)."""
     path = long_name_of(data_path_)
