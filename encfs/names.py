@@ -237,20 +237,3 @@ def backing_path(root: bytes, rel: bytes) -> bytes:
         path = os.path.dirname(path) if part == b".." else data_path(path, part)
     return path
 
-
-def plain_path(backing: bytes, path: bytes) -> bytes:
-    """The plaintext path, relative to the backing root, of a backing path below it (long
-    names resolved through their long-name files; an unreadable one stays hashed)."""
-    rel = os.path.relpath(path, backing)
-    if rel == b".":
-        return rel
-    out, cur = [], backing
-    for part in rel.split(b"/"):
-        cur = os.path.join(cur, part)
-        plain = read_long_name(cur) if part.startswith(LONG_PREFIX) else None
-        if plain is None and (o := object_of(part)) is not None and o.startswith(LONG_PREFIX):
-            # a sidecar or long-name file of a long name: show it under the name
-            base = read_long_name(os.path.join(os.path.dirname(cur), o))
-            plain = base + part[len(o):] if base is not None else None
-        out.append(plain if plain is not None else part)
-    return b"/".join(out)
