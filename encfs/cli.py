@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from . import fsck, mount, recovery, rekey, rewrap
+from . import fsck, mount, recovery, rekey, rewrap, status
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "mount": (mount.main, "mount BACKING on MOUNTPOINT"),
     "umount": (mount.umount_main, "flush and unmount MOUNTPOINT"),
+    "status": (status.main, "show every encfs mount: KMS, keys, caches, latencies, errors"),
     "fsck": (fsck.main, "check (and --repair) an unmounted BACKING dir"),
     "rewrap": (rewrap.main, "re-wrap every DEK under the newest key version or --to-key"),
     "rekey": (rekey.main, "give files in a mount a new DEK (re-encrypts their content)"),
