@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from . import fsck, mount, recovery, rekey, rewrap, status
+from . import fsck, mount, mounthelper, recovery, rekey, rewrap, status
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "mount": (mount.main, "mount BACKING on MOUNTPOINT"),
@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 def usage() -> str:
     lines = ["usage: encfs COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines.append("\n'encfs COMMAND --help' describes each command.")
+    lines.append("\n'encfs COMMAND --help' describes each command. As a mount(8) helper: "
+                 "encfs BACKING MOUNTPOINT -o OPTIONS (README, fstab).")
     return "\n".join(lines)
 
 
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     entry = COMMANDS.get(argv[0])
+    if entry is None and len(argv) >= 2 and not argv[0].startswith("-") and "/" in argv[0]:
+        # mount.fuse3's call for a fuse.encfs fstab line: encfs BACKING MOUNTPOINT -o ...
+        return mounthelper.main(argv)
     if entry is None:
         print(f"encfs: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
