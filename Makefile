@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl git sqlite3 attr rsync python3-minimal glusterfs-server glusterfs-client
+APT_PACKAGES += systemd  # systemd-analyze verify of the units (tests/test_systemd_units.py)
 BACKING ?= data
 MOUNTPOINT ?= mnt
 PYTEST_ARGS ?=
