@@ -145,12 +145,13 @@ class ControlServer:
         ops, keys = self.ops, self.ops.keys
         keys.expire()
         usage = _key_usage(ops)
-        kms_info, states = await self._check_kms(sorted(usage))
+        kms_info, states, aliases = await self._check_kms(sorted(usage))
         key_rows = []
         for key_id in sorted(usage):
             revoked = keys.revoked.get(key_id)
             key_rows.append({
-                "key_id": key_id, "default": key_id == keys.key_id,
+                "key_id": key_id, "alias": aliases.get(key_id),
+                "default": key_id == keys.key_id,
                 "state": states.get(key_id, "unknown"),
                 "revoked_here": errno.errorcode.get(revoked, str(revoked)) if revoked else None,
                 **usage[key_id]})
@@ -179,12 +180,14 @@ class ControlServer:
             "last_errors": list(self.errors.records),
         }
 
-    async def _check_kms(self, key_ids: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    async def _check_kms(self, key_ids: list[str]
+                         ) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
         """Ask the KMS for the state of every CMK in use; the first answer's round trip is
         the KMS latency. Bounded by KMS_TIMEOUT altogether."""
         info: dict[str, Any] = {"endpoint": self.target.where, "reachable": None,
                                 "latency_ms": None, "error": None}
         states: dict[str, str] = {}
+        aliases: dict[str, str] = {}
         kms = self.ops.keys.kms
         with trio.move_on_after(KMS_TIMEOUT) as scope:
             for key_id in key_ids:
@@ -200,13 +203,15 @@ class ControlServer:
                         f"unknown ({e.error_code})"
                 else:
                     info["reachable"] = True
-                    states[key_id] = KEY_STATES.get(
-                        str(key_info.get("key_info", {}).get("key_state")), "unknown")
+                    ki = key_info.get("key_info", {})
+                    states[key_id] = KEY_STATES.get(str(ki.get("key_state")), "unknown")
+                    if ki.get("key_alias"):
+                        aliases[key_id] = str(ki["key_alias"])
                 if info["latency_ms"] is None:
                     info["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         if scope.cancelled_caught and info["reachable"] is None:
             info.update(reachable=False, error=f"no answer within {KMS_TIMEOUT:g}s")
-        return info, states
+        return info, states, aliases
 
 
 def _key_usage(ops: "EncFS") -> dict[str, dict[str, int]]:

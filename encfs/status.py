@@ -3,7 +3,8 @@
 The mounts come from /proc/self/mounts (type fuse.encfs, fsname = backing dir); each
 mount's daemon answers on its control channel (encfs/control.py). `assess` (pure) decides
 whether a mount is healthy from its report. Exit status: 0 all healthy (or no mounts), 1
-some mount unhealthy, 2 a MOUNTPOINT that is not an encfs mount.
+some mount unhealthy, 2 a MOUNTPOINT that is not an encfs mount. A live daemon that cannot
+be asked (no control channel, or no permission) is "unknown", not unhealthy.
 """
 
 from __future__ import annotations
@@ -37,9 +38,18 @@ class MountStatus:
     def healthy(self) -> bool:
         return not self.problems
 
+    @property
+    def health(self) -> str:
+        """healthy, unhealthy, or unknown: a live daemon that cannot be asked (one without
+        a control channel, or one the caller may not ask) is not known to be unwell."""
+        if self.problems:
+            return "unhealthy"
+        return "unknown" if self.report is None else "healthy"
+
     def as_dict(self) -> dict[str, Any]:
         return {"mountpoint": self.mount.mountpoint, "backing": self.mount.backing,
-                "mount_options": self.mount.options, "healthy": self.healthy,
+                "mount_options": self.mount.options, "health": self.health,
+                "healthy": self.healthy,
                 "problems": self.problems, "daemon_error": self.daemon_error,
                 "daemon": self.report}
 
@@ -67,14 +77,19 @@ def query(backing: str, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
     return reply
 
 
-def _daemon_error(mount: MountEntry, e: OSError) -> str:
-    """Why a mount's daemon did not answer: gone (the mountpoint is dead) or unreachable."""
+def _daemon_gone(mount: MountEntry) -> str | None:
+    """Why the mount's daemon is known to be gone (the mountpoint is dead), or None."""
     try:
         os.statvfs(mount.mountpoint)  # statfs always reaches the daemon (stat may be cached)
     except OSError as st:
         if st.errno == 107:  # ENOTCONN: the kernel's connection to the daemon is gone
             return "daemon gone (transport endpoint is not connected); unmount with " \
                    f"fusermount3 -u {mount.mountpoint}"
+    return None
+
+
+def _daemon_error(mount: MountEntry, e: OSError) -> str:
+    """Why a mount's daemon did not answer."""
     if isinstance(e, PermissionError):
         return "no permission to ask the daemon (run as root or as the mount's user)"
     if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
@@ -118,8 +133,9 @@ def collect(mountpoints: Sequence[str]) -> tuple[list[MountStatus], list[str]]:
             st.report = _query_new_mount(entry)
             st.problems = assess(st.report)
         except OSError as e:
-            st.daemon_error = _daemon_error(entry, e)
-            st.problems = [st.daemon_error]
+            gone = _daemon_gone(entry)
+            st.daemon_error = gone or _daemon_error(entry, e)
+            st.problems = [gone] if gone else []
         out.append(st)
     return out, unknown
 
@@ -150,12 +166,13 @@ def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
 
 
 def render(st: MountStatus) -> str:
-    lines = [f"{st.mount.mountpoint}: {'healthy' if st.healthy else 'UNHEALTHY'}",
+    lines = [f"{st.mount.mountpoint}: {st.health.replace('unhealthy', 'UNHEALTHY')}",
              f"  backing     {st.mount.backing}",
              f"  options     {st.mount.options}"]
     r = st.report
     if r is None:
         lines.append(f"  daemon      {st.daemon_error}")
+        lines += [f"  problem     {p}" for p in st.problems]
         return "\n".join(lines)
     kms = r["kms"]
     reach = "reachable" if kms["reachable"] else f"UNREACHABLE ({kms['error']})"
@@ -166,8 +183,9 @@ def render(st: MountStatus) -> str:
               f"  kms         {kms['endpoint']}: {reach}, latency {_ms(kms['latency_ms'])}",
               f"  files       {r['open_files']} open; {r['deks_cached']} DEKs cached, "
               f"{r['deks_prepared']} prepared; journal {r['journal_pending']} pending"]
-    keys = [["CMK", "state", "revoked here", "open", "cached", "prepared"]]
-    keys += [[k["key_id"] + (" (default)" if k["default"] else ""), k["state"],
+    keys = [["CMK", "alias", "state", "revoked here", "open", "cached", "prepared"]]
+    keys += [[k["key_id"] + (" (default)" if k["default"] else ""), k.get("alias") or "-",
+              k["state"],
               k["revoked_here"] or "-", str(k["open_files"]), str(k["deks_cached"]),
               str(k["deks_prepared"])] for k in r["keys"]]
     lines += ["  keys"] + _table(keys, "    ")
@@ -195,13 +213,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     statuses, unknown = collect(args.mountpoints)
     for mp in unknown:
         print(f"encfs status: {mp} is not an encfs mount", file=sys.stderr)
-    if args.json:
+    try:
+        _print(statuses, unknown, args.json)
+    except BrokenPipeError:  # `encfs status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if unknown:
+        return 2
+    return 0 if all(s.healthy for s in statuses) else 1
+
+
+def _print(statuses: list[MountStatus], unknown: list[str], as_json: bool) -> None:
+    if as_json:
         print(json.dumps({"healthy": all(s.healthy for s in statuses),
                           "mounts": [s.as_dict() for s in statuses]}, indent=1))
     elif not statuses and not unknown:
         print("no encfs mounts")
     else:
         print("\n\n".join(render(s) for s in statuses))
-    if unknown:
-        return 2
-    return 0 if all(s.healthy for s in statuses) else 1
+    sys.stdout.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from encfs import control
-from encfs.pytest_plugin import temporary_mount
+from encfs.pytest_plugin import make_mount, short_tempdir, temporary_mount
 from encfs.reqstats import RequestStats, summarize
 from encfs.status import assess
 
@@ -63,7 +64,7 @@ def test_healthy_mount_reports_everything(own_key_mount):
         held.read()
         rc, st = status_json(m.mountpoint)
         assert rc == 0, st
-        assert st["healthy"] and st["problems"] == []
+        assert st["healthy"] and st["health"] == "healthy" and st["problems"] == []
         d = st["daemon"]
         assert d["backing"] == m.backing and d["mountpoint"] == m.mountpoint
         assert d["pid"] == m.process.pid
@@ -71,6 +72,7 @@ def test_healthy_mount_reports_everything(own_key_mount):
         assert d["kms"]["latency_ms"] > 0
         [key] = d["keys"]
         assert key["key_id"] == m.key_id and key["default"] and key["state"] == "enabled"
+        assert key["alias"] == "test/status"
         assert key["revoked_here"] is None and key["open_files"] == 1
         assert d["open_files"] == 1 and d["deks_cached"] >= 1
         assert d["journal_pending"] == 0
@@ -141,8 +143,8 @@ def test_daemon_gone_but_mountpoint_left(own_key_mount):
     m.process.send_signal(signal.SIGKILL)
     m.process.wait()
     rc, st = status_json(m.mountpoint)
-    assert rc == 1 and st["daemon"] is None
-    assert "daemon gone" in st["daemon_error"]
+    assert rc == 1 and st["daemon"] is None and st["health"] == "unhealthy"
+    assert "daemon gone" in st["daemon_error"] and st["problems"] == [st["daemon_error"]]
     rc, out, err = status(m.mountpoint)
     assert rc == 1 and "daemon gone" in out and "Traceback" not in err
     # (the fixture's unmount removes the dead mount)
@@ -176,3 +178,23 @@ def test_assess():
                                    "revoked_here": None}]})
     assert assess({**ok, "keys": [{"key_id": "k", "state": "enabled",
                                    "revoked_here": "EACCES"}]})
+
+
+def test_a_daemon_without_control_channel_is_unknown_not_unhealthy(kms_server):
+    """A live daemon that cannot be asked (here: its socket path is taken by a directory;
+    in the field, a daemon of an encfs without `status`) is reported, exit 0."""
+    work = short_tempdir("noctl-")
+    os.makedirs(os.path.join(work, "backing", ".encfs", "control.sock"))
+    try:
+        m = make_mount(kms_server, work)
+        try:
+            rc, st = status_json(m.mountpoint)
+            assert rc == 0 and st["health"] == "unknown" and st["daemon"] is None
+            assert "does not answer on its control channel" in st["daemon_error"]
+            assert "no control channel" in m.log()
+            with open(os.path.join(m.mountpoint, "f"), "w") as f:  # the mount itself works
+                f.write("x")
+        finally:
+            m.unmount()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
