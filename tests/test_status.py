@@ -55,8 +55,17 @@ def own_key_mount(kms_server):
         yield m
 
 
-def test_healthy_mount_reports_everything(own_key_mount):
-    m = own_key_mount
+@pytest.fixture
+def long_ttl_mount(kms_server):
+    """A mount with the default key cache TTL (60 s), so that cached DEKs are still there
+    however slow the machine is."""
+    kms_server.client.create_key("test/status")
+    with temporary_mount(kms_server, key="test/status") as m:
+        yield m
+
+
+def test_healthy_mount_reports_everything(long_ttl_mount):
+    m = long_ttl_mount
     path = os.path.join(m.mountpoint, "f")
     with open(path, "wb") as f:
         f.write(b"x" * 100000)
@@ -76,7 +85,7 @@ def test_healthy_mount_reports_everything(own_key_mount):
         assert key["revoked_here"] is None and key["open_files"] == 1
         assert d["open_files"] == 1 and d["deks_cached"] >= 1
         assert d["journal_pending"] == 0
-        assert d["settings"] == {"key": m.key_id, "key_cache_ttl": 1.0,
+        assert d["settings"] == {"key": m.key_id, "key_cache_ttl": 60.0,
                                  "shared_backing": False}
         assert d["requests"]["create"]["count"] == 1
         assert d["requests"]["write"]["count"] >= 1 and d["requests"]["open"]["count"] >= 1
