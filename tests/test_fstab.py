@@ -3,6 +3,7 @@ against a real KMS; and the option translation (encfs/fstab.py) on its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,8 @@ import time
 import pytest
 
 from encfs import fstab
-from encfs.pytest_plugin import short_tempdir
+from encfs.pytest_plugin import run_as_uid, short_tempdir, start_kms_server
+from kms.client import KmsClient
 
 ENCFS = os.path.join(os.path.dirname(sys.executable), "encfs")
 HELPER = os.path.join(os.path.dirname(sys.executable), "mount.fuse.encfs")
@@ -235,3 +237,55 @@ def test_mount_fuse_encfs_helper_as_mount_calls_it(dirs):
     r = _run([HELPER, backing, mnt, "-f", "-o", _opts(kms)])  # -f: fake, says what it would do
     assert r.returncode == 0 and not _mounted(mnt)
     assert r.stderr.startswith("encfs mount ") and "--kms-socket" in r.stderr
+
+
+def test_fstab_user_option_serves_as_that_user():
+    """`user=UID,allow_other` in an fstab line: root mounts, the daemon then serves as that
+    uid (the KMS sees it: the key is that user's own), and `encfs status` as root still
+    reaches its control channel; `umount` ends it."""
+    uid = 4244
+    work = short_tempdir("fstabuser-")
+    os.chmod(work, 0o755)
+    kms = start_kms_server(f"{work}/kms", extra_args=["--socket-mode", "0666"])
+    os.chmod(f"{work}/kms", 0o755)
+    backing, mnt = f"{work}/backing", f"{work}/mnt"
+    os.makedirs(backing)
+    os.makedirs(mnt)
+    os.chown(backing, uid, uid)
+    os.mkdir(f"{work}/bin")
+    os.symlink(ENCFS, f"{work}/bin/encfs")
+    pid = None
+    try:
+        kind, info = run_as_uid(uid, lambda: KmsClient(kms.socket_path).create_key("fstab/own"))
+        assert kind == "ok", info
+        table = f"{work}/fstab"
+        with open(table, "w") as f:
+            f.write(f"{backing} {mnt} fuse.{work}/bin/encfs key={info['key_id']},"
+                    f"kms_socket={kms.socket_path},user={uid},allow_other 0 0\n")
+        r = _run(["mount", "-a", "-T", table])
+        assert r.returncode == 0, r.stderr
+        pid = _daemon_pid(mnt)
+        with open(f"/proc/{pid}/status") as f:
+            assert next(ln for ln in f if ln.startswith("Uid:")).split()[2] == str(uid)
+
+        def write_and_read():
+            with open(f"{mnt}/mine", "w") as f:
+                f.write("served as the user\n")
+            with open(f"{mnt}/mine") as f:
+                return f.read()
+
+        assert run_as_uid(uid, write_and_read) == ("ok", "served as the user\n")
+        assert os.stat(f"{backing}/mine").st_uid == uid
+        r = subprocess.run([sys.executable, "-m", "encfs", "status", "--json", mnt],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["mounts"][0]["daemon"]["uid"] == uid
+        assert _run(["umount", mnt]).returncode == 0 and not _mounted(mnt)
+        assert _wait_gone(pid)
+    finally:
+        if _mounted(mnt):
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+            if pid and not _wait_gone(pid, 5):
+                os.kill(pid, 9)
+        kms.stop()
+        shutil.rmtree(work, ignore_errors=True)
