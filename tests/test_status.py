@@ -207,3 +207,22 @@ def test_a_daemon_without_control_channel_is_unknown_not_unhealthy(kms_server):
             m.unmount()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_backing_dir_too_deep_for_a_socket_address(kms_server):
+    """A control socket path longer than a sockaddr_un holds (107 bytes) is bound and
+    reached through /proc/self/fd of its directory."""
+    work = short_tempdir("deep-")
+    deep = os.path.join(work, *(["d" * 40] * 3))
+    os.makedirs(deep)
+    try:
+        m = make_mount(kms_server, deep)
+        try:
+            assert len(control.socket_path(os.fsencode(m.backing))) > 108
+            rc, st = status_json(m.mountpoint)
+            assert rc == 0 and st["health"] == "healthy", st
+            assert st["daemon"]["backing"] == m.backing
+        finally:
+            m.unmount()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
