@@ -3,11 +3,13 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl git sqlite3 attr rsync python3-minimal glusterfs-server glusterfs-client
+APT_PACKAGES += systemd  # systemd-analyze verify of the units (tests/test_systemd_units.py)
 BACKING ?= data
 MOUNTPOINT ?= mnt
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-packages venv test mount umount clean bench bench-quick bench-deps
+.PHONY: all setup system-packages venv test mount umount clean bench bench-quick bench-deps \
+	install-mount-helper uninstall-mount-helper
 
 all: test
 
@@ -42,6 +44,16 @@ mount: setup
 
 umount:
 	$(VENV)/bin/encfs umount $(MOUNTPOINT)
+
+# mount(8) and /etc/fstab (README, "fstab"): mount.fuse3 runs `encfs` from the standard
+# PATH for a fuse.encfs line; this links this checkout's encfs there (as root).
+HELPER_LINK ?= /usr/local/sbin/encfs
+install-mount-helper: setup
+	ln -sfn $(CURDIR)/$(VENV)/bin/encfs $(HELPER_LINK)
+
+uninstall-mount-helper:
+	@if [ "$$(readlink $(HELPER_LINK))" = "$(CURDIR)/$(VENV)/bin/encfs" ]; then rm $(HELPER_LINK); \
+	else echo "$(HELPER_LINK) is not this checkout's link: left alone"; fi
 
 clean:
 	@if mountpoint -q $(MOUNTPOINT) 2>/dev/null; then echo "$(MOUNTPOINT) is mounted: make umount first"; exit 1; fi

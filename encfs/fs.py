@@ -37,6 +37,7 @@ from .longpath import LongPaths
 from .journal import Journal
 from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
+from .reqstats import RequestStats
 from .spares import SparePool
 
 log = logging.getLogger(__name__)
@@ -107,16 +108,21 @@ def _atime_due(st: os.stat_result) -> bool:
 
 
 def _fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn OSError from the backing dir into the same errno for the caller."""
+    """Turn OSError from the backing dir into the same errno for the caller, and count the
+    request and its latency in the mount's `RequestStats` (`encfs status`)."""
+    op = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: "EncFS", *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter_ns()
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        finally:
+            self.stats.record(op, time.perf_counter_ns() - t0)
 
     return wrapper
 
@@ -159,6 +165,7 @@ class EncFS(pyfuse3.Operations):
         self._next_dh = 1
         self.as_root = os.geteuid() == 0
         self.euid, self.egid = os.geteuid(), os.getegid()
+        self.stats = RequestStats()  # per-request counts and latencies (encfs status)
 
     # --- paths and nodes ----------------------------------------------------------------
 

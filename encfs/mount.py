@@ -26,6 +26,7 @@ from kms.paths import default_data_dir, default_project_id, default_socket_path,
 
 from . import backing as bk
 from . import dispatch
+from . import control
 from .fs import EncFS
 from .keys import DEFAULT_TTL, KeyManager
 from .mounts import device_of_mountpoint
@@ -233,6 +234,7 @@ async def _serve(ops: EncFS, target: "KmsTarget", key_id: str, ttl: float) -> No
             nursery.start_soon(ops.keys.fill_pool)
             ops.spares.start()  # after serve_as: spares belong to the serving uid
             nursery.start_soon(_raise_readahead, ops.mountpoint)
+            nursery.start_soon(control.serve, ops, target)  # encfs status
             dispatch.install()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()

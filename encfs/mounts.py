@@ -14,6 +14,7 @@ FSTYPE = "fuse.encfs"
 class MountEntry:
     backing: str
     mountpoint: str
+    options: str = ""  # as the kernel reports them (mount and FUSE options)
 
 
 def _unescape(field: str) -> str:
@@ -24,7 +25,7 @@ def _unescape(field: str) -> str:
 def encfs_mounts() -> list[MountEntry]:
     with open("/proc/self/mounts") as f:
         rows = [line.split() for line in f]
-    return [MountEntry(_unescape(r[0]), _unescape(r[1])) for r in rows if r[2] == FSTYPE]
+    return [MountEntry(_unescape(r[0]), _unescape(r[1]), r[3]) for r in rows if r[2] == FSTYPE]
 
 
 def mount_of_mountpoint(mountpoint: str) -> MountEntry | None:

@@ -12,7 +12,9 @@ Policy (docs/FORMAT.md, "Extended attributes"):
   kernel itself refuses ``user.*`` on symlinks and device nodes with EPERM, as on ext4;
   ``trusted.*``/``security.*`` on symlinks pass through like on any other object.
 * ``user.encfs.*`` is ours: hidden from listings, reads give ENODATA, writes EINVAL. The
-  one exception is the root's ``user.encfs.pid`` control attribute (`encfs umount`).
+  exceptions, handled in fs.py before this policy is asked: ``user.encfs.key`` on a
+  directory (the CMK of new files below it, stored in the clear as a key id), and the
+  root's read-only control attributes ``user.encfs.pid`` and ``user.encfs.max_write``.
 * ``trusted.*``, ``security.*`` and POSIX ACLs (``system.posix_acl_access/default``) are
   metadata the kernel and system tools interpret (capabilities, SELinux labels, ACL
   checks); like modes and owners they are passed through to the backing file in the clear.
