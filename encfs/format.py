@@ -6,6 +6,7 @@ this module implements; keep the two in step.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from dataclasses import dataclass
@@ -117,14 +118,23 @@ def block_aad(file_id: bytes, block_no: int) -> bytes:
 
 SIDECAR_SUFFIX = ".sfskey"
 SIDECAR_MAGIC = b"ESFK"
+#: 2 since the slots carry the wrap time and the CMK version (bytes 492..503); version 1
+#: sidecars (those bytes are padding) stay readable, and are upgraded when rewritten in place.
+SIDECAR_VERSION = 2
+SIDECAR_VERSIONS = (1, 2)
 #: magic(4) | version u16 BE | slot_size u16 BE | reserved(8)
 SIDECAR_HEAD = struct.Struct(">4sHH8s")
+SIDECAR_VERSION_OFFSET = 4
 SLOT_SIZE = 512
 SIDECAR_SIZE = SIDECAR_HEAD.size + 2 * SLOT_SIZE  # 1040
 #: seq u64 | file_id(16) | created_ns u64 | dek_bytes u16 | key_id_len u8 | wrapped_len u16
 SLOT_FIXED = struct.Struct(">Q16sQHBH")
 KEY_ID_MAX = 64
-WRAPPED_MAX = SLOT_SIZE - SLOT_FIXED.size - KEY_ID_MAX - 4  # 4: CRC32 at the slot's end
+#: version 2: wrapped_ns u64 | key_version u32 | reserved u32, just before the CRC
+SLOT_TRAILER = struct.Struct(">QII")
+TRAILER_OFFSET = SLOT_SIZE - 4 - SLOT_TRAILER.size  # 492
+WRAPPED_MAX = TRAILER_OFFSET - SLOT_FIXED.size - KEY_ID_MAX  # 391 (407 in version 1)
+WRAPPED_MAX_V1 = SLOT_SIZE - SLOT_FIXED.size - KEY_ID_MAX - 4
 #: DEK lengths a slot may name (encfs writes 32); others are a damaged or forged slot.
 DEK_BYTES_MIN, DEK_BYTES_MAX = 16, 64
 SEQ_MAX = (1 << 64) - 1
@@ -132,7 +142,13 @@ SEQ_MAX = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """What one sidecar slot says: which CMK wrapped this file's DEK, and the wrapped DEK."""
+    """What one sidecar slot says: which CMK wrapped this file's DEK, and the wrapped DEK.
+
+    The wrapped DEK is opaque (whatever the KMS returned). What encfs needs to know about it
+    is recorded beside it: ``wrapped_ns``, when it was wrapped (create-datakey or
+    re-encrypt), and ``key_version``, the CMK's version at that time as the KMS's public
+    rotation status told it (number_of_rotations + 1), never more than the true one; 0 when
+    not known (a version 1 sidecar, or a KMS that would not say)."""
 
     file_id: bytes
     key_id: str
@@ -140,6 +156,8 @@ class KeyRecord:
     created_ns: int
     dek_bytes: int = 32
     seq: int = 1
+    wrapped_ns: int = 0
+    key_version: int = 0
 
     @property
     def cipher_text(self) -> str:
@@ -167,22 +185,28 @@ def encode_slot(rec: KeyRecord) -> bytes:
     try:
         fixed = SLOT_FIXED.pack(rec.seq, rec.file_id, rec.created_ns, rec.dek_bytes,
                                 len(key_id), len(rec.wrapped_dek))
+        trailer = SLOT_TRAILER.pack(rec.wrapped_ns, rec.key_version, 0)
     except struct.error as e:
         raise FormatError(f"key record field out of range: {e}") from None
-    body = fixed + key_id.ljust(KEY_ID_MAX, b"\0") + rec.wrapped_dek
-    body = body.ljust(SLOT_SIZE - 4, b"\0")
+    body = (fixed + key_id.ljust(KEY_ID_MAX, b"\0") + rec.wrapped_dek).ljust(TRAILER_OFFSET, b"\0")
+    body += trailer
     return body + struct.pack(">I", zlib.crc32(body))
 
 
-def decode_slot(slot: bytes) -> KeyRecord | None:
-    """The record in one slot, or None when the slot is empty or torn (bad checksum)."""
+def decode_slot(slot: bytes, version: int = SIDECAR_VERSION) -> KeyRecord | None:
+    """The record in one slot of a sidecar of ``version``, or None when the slot is empty or
+    torn (bad checksum)."""
     if len(slot) != SLOT_SIZE or not any(slot):
         return None
     (crc,) = struct.unpack_from(">I", slot, SLOT_SIZE - 4)
     if zlib.crc32(slot[:-4]) != crc:
         return None
     seq, file_id, created_ns, dek_bytes, key_len, wrapped_len = SLOT_FIXED.unpack_from(slot)
-    if not 0 < key_len <= KEY_ID_MAX or not 0 < wrapped_len <= WRAPPED_MAX:
+    wrapped_max, wrapped_ns, key_version = WRAPPED_MAX_V1, 0, 0
+    if version >= 2:
+        wrapped_max = WRAPPED_MAX
+        wrapped_ns, key_version, _ = SLOT_TRAILER.unpack_from(slot, TRAILER_OFFSET)
+    if not 0 < key_len <= KEY_ID_MAX or not 0 < wrapped_len <= wrapped_max:
         return None
     if not DEK_BYTES_MIN <= dek_bytes <= DEK_BYTES_MAX:
         return None
@@ -193,27 +217,34 @@ def decode_slot(slot: bytes) -> KeyRecord | None:
     key_id = raw_id.decode("ascii")
     pos += KEY_ID_MAX
     return KeyRecord(file_id=file_id, key_id=key_id, wrapped_dek=slot[pos:pos + wrapped_len],
-                     created_ns=created_ns, dek_bytes=dek_bytes, seq=seq)
+                     created_ns=created_ns, dek_bytes=dek_bytes, seq=seq,
+                     wrapped_ns=wrapped_ns, key_version=key_version)
 
 
 def encode_sidecar(rec: KeyRecord) -> bytes:
     """A new sidecar: the record in slot A, slot B empty."""
-    head = SIDECAR_HEAD.pack(SIDECAR_MAGIC, FORMAT_VERSION, SLOT_SIZE, b"\0" * 8)
+    head = SIDECAR_HEAD.pack(SIDECAR_MAGIC, SIDECAR_VERSION, SLOT_SIZE, b"\0" * 8)
     return head + encode_slot(rec) + b"\0" * SLOT_SIZE
 
 
-def decode_sidecar(data: bytes) -> KeyRecord:
-    """The newest valid record of a sidecar (two slots, so that a torn rewrite keeps the old)."""
+def sidecar_version(data: bytes) -> int:
+    """The version in a sidecar's head; FormatError for a foreign or unknown one."""
     if len(data) != SIDECAR_SIZE:
         raise FormatError(f"sidecar has {len(data)} bytes, expected {SIDECAR_SIZE}")
     magic, version, slot_size, _ = SIDECAR_HEAD.unpack_from(data)
     if magic != SIDECAR_MAGIC:
         raise FormatError("not an encfs sidecar (bad magic)")
-    if version != FORMAT_VERSION or slot_size != SLOT_SIZE:
+    if version not in SIDECAR_VERSIONS or slot_size != SLOT_SIZE:
         raise FormatError(f"unsupported sidecar version {version}")
+    return version
+
+
+def decode_sidecar(data: bytes) -> KeyRecord:
+    """The newest valid record of a sidecar (two slots, so that a torn rewrite keeps the old)."""
+    version = sidecar_version(data)
     base = SIDECAR_HEAD.size
-    records = [r for r in (decode_slot(data[base:base + SLOT_SIZE]),
-                           decode_slot(data[base + SLOT_SIZE:])) if r is not None]
+    records = [r for r in (decode_slot(data[base:base + SLOT_SIZE], version),
+                           decode_slot(data[base + SLOT_SIZE:], version)) if r is not None]
     if not records:
         raise FormatError("sidecar holds no valid key record (both slots damaged)")
     return max(records, key=lambda r: r.seq)
@@ -224,17 +255,29 @@ def next_slot_write(data: bytes, rec: KeyRecord) -> tuple[int, bytes, KeyRecord]
 
     The new record gets the next sequence number and goes into the slot that does not hold
     the current record, so a write torn by a crash leaves the current one intact. In-place
-    rewrites keep hard-linked sidecars linked.
+    rewrites keep hard-linked sidecars linked. A version 1 sidecar then also needs
+    `upgrade_head` (after the slot is durable).
     """
     current = decode_sidecar(data)
     if current.seq >= SEQ_MAX:
         raise FormatError("sidecar record sequence number is exhausted")
-    new = KeyRecord(file_id=rec.file_id, key_id=rec.key_id, wrapped_dek=rec.wrapped_dek,
-                    created_ns=rec.created_ns, dek_bytes=rec.dek_bytes, seq=current.seq + 1)
+    new = dataclasses.replace(rec, seq=current.seq + 1)
     base = SIDECAR_HEAD.size
-    slot_a = decode_slot(data[base:base + SLOT_SIZE])
+    slot_a = decode_slot(data[base:base + SLOT_SIZE], sidecar_version(data))
     use_b = slot_a is not None and slot_a.seq == current.seq
     return base + (SLOT_SIZE if use_b else 0), encode_slot(new), new
+
+
+def upgrade_head(data: bytes) -> tuple[int, bytes] | None:
+    """(offset, bytes) that raise a version 1 sidecar's head to the current version, or None.
+
+    Only the two version bytes change (one write that cannot tear). Written after the new
+    slot is on disk: until then a version 1 reader ignores the new slot's trailer, which is
+    all that differs, and the slot itself is valid in both versions; the old slot, written by
+    version 1 with zero padding there, reads as "wrap time and version unknown"."""
+    if sidecar_version(data) == SIDECAR_VERSION:
+        return None
+    return SIDECAR_VERSION_OFFSET, struct.pack(">H", SIDECAR_VERSION)
 
 
 def is_sidecar_name(name: bytes | str) -> bool:

@@ -19,14 +19,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from kms.client import KmsClient, KmsError
+from kms.client import KmsClient, KmsError, KmsUnavailable
 
 from . import backing as bk
 from . import format as fmt
 from . import names as nm
 from .mounts import mount_of_backing
 from .spares import SPARE_PREFIX
-from .offline import Pair, bad_blocks, kms_client, read_data_header, read_record, unwrap
+from . import kmsconn
+from .offline import Pair, bad_blocks, read_data_header, read_record, unwrap
 
 EXIT_CLEAN, EXIT_REPAIRED, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 4, 8
 LOST_FOUND = b"lost+found"
@@ -283,6 +284,11 @@ class Fsck:
             rel = self._rel(pair.data_path)
             try:
                 dek = unwrap(self.client, rec)
+            except KmsUnavailable as e:
+                # One line for the rest of the walk, not one per file.
+                self.report.add("key-unusable", rel, f"{e}; the DEKs of this and the files "
+                                "after it were not checked")
+                return
             except KmsError as e:
                 self.report.add("key-unusable", rel, f"cannot unwrap its DEK with CMK "
                                 f"{rec.key_id}: {e}")
@@ -356,8 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-kms", action="store_true",
                    help="skip the checks that need the KMS (DEK unwrap, block tags)")
-    p.add_argument("--kms-socket")
-    p.add_argument("--project-id")
+    kmsconn.add_options(p)
     return p
 
 
@@ -393,10 +398,10 @@ def _fsck(args: argparse.Namespace, backing: str) -> int:
         return EXIT_ERROR
     client = None
     if not args.no_kms:
-        client = kms_client(args.kms_socket, args.project_id)
         try:
-            client.call("list-keys", {"limit": "1"})
-        except KmsError as e:
+            target = kmsconn.target_for_tool(args, os.fsencode(backing))
+            client = kmsconn.connect(target)
+        except kmsconn.KmsConnError as e:
             print(f"encfs fsck: {e} (or run with --no-kms)", file=sys.stderr)
             return EXIT_ERROR
     started = time.time()

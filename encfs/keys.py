@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from kms.client import AsyncKmsClient, KmsError, KmsUnavailable
+from kms.client import AsyncKmsClient, KmsError, KmsUnavailable, is_unknown_operation
 
 from . import format as fmt
 
@@ -43,13 +43,31 @@ def file_aad(file_id: bytes) -> str:
     return file_id.hex()
 
 
+#: Huawei's public operation that tells a CMK's rotations; wrapped DEKs are opaque.
+ROTATION_STATUS = "get-key-rotation-status"
+
+
 def key_version(rec: fmt.KeyRecord) -> int | None:
-    """The CMK version named inside a wrapped DEK of our KMS (opaque for other KMSes)."""
+    """The CMK version recorded in the sidecar when the DEK was wrapped; None if unknown."""
+    return rec.key_version or None
+
+
+def version_of(rotation_status: dict) -> int:
+    """A CMK's current version from its get-key-rotation-status reply (0: it does not say).
+
+    Huawei numbers no versions; number_of_rotations + 1 is one that only grows, and it is
+    the version our own KMS names (its first key material is version 1)."""
     try:
-        from kms import blob
-        return blob.parse(rec.wrapped_dek, blob.KIND_DATAKEY).key_version
-    except Exception:  # another KMS's format: the version is not ours to read
-        return None
+        n = int(rotation_status["number_of_rotations"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return n + 1 if n >= 0 else 0
+
+
+def version_unknowable(e: KmsError) -> bool:
+    """The KMS will never tell this caller the CMK's rotations (a grantee, who may not ask,
+    or a KMS without the operation): stop asking."""
+    return e.error_code == "KMS.0306" or is_unknown_operation(e)
 
 
 async def _nothing(_: str) -> None:
@@ -86,6 +104,11 @@ class KeyManager:
         #: POOL_SIZE per CMK, dropped when the CMK is revoked)
         self._pools: dict[str, list[tuple[fmt.KeyRecord, bytes]]] = {}
         self._pool_low = trio.Event()
+        #: CMK id -> its version as last reported (`version_of`); CMKs whose version the KMS
+        #: will not tell us. New DEKs record the version known *before* they were made, so a
+        #: sidecar never claims a version newer than the one that wrapped it.
+        self._versions: dict[str, int] = {}
+        self._no_version: set[str] = set()
 
     @property
     def check_period(self) -> float:
@@ -118,14 +141,37 @@ class KeyManager:
 
     async def _create(self, key_id: str) -> tuple[fmt.KeyRecord, bytes]:
         file_id = os.urandom(fmt.FILE_ID_SIZE)
+        version = self._versions.get(key_id)
+        if version is None:
+            version = await self._learn_version(key_id)
         try:
             dek, cipher_text = await self.kms.create_datakey(key_id, aad=file_aad(file_id))
         except KmsError as e:
             raise self._failure("create a data key", key_id, e) from None
+        now = time.time_ns()
         rec = fmt.KeyRecord(file_id=file_id, key_id=key_id,
-                            wrapped_dek=bytes.fromhex(cipher_text),
-                            created_ns=time.time_ns(), dek_bytes=len(dek))
+                            wrapped_dek=bytes.fromhex(cipher_text), created_ns=now,
+                            dek_bytes=len(dek), wrapped_ns=now, key_version=version)
         return rec, dek
+
+    async def _learn_version(self, key_id: str) -> int:
+        """Ask the KMS for the CMK's current version (0 when it does not say)."""
+        if key_id in self._no_version:
+            return 0
+        try:
+            version = version_of(await self.kms.call(ROTATION_STATUS, {"key_id": key_id}))
+        except KmsUnavailable:
+            return self._versions.get(key_id, 0)
+        except KmsError as e:
+            if version_unknowable(e):
+                self._no_version.add(key_id)
+                log.info("the KMS does not tell the version of key %s (%s): new files follow "
+                         "its rotations only after `encfs rewrap`", key_id, e.error_code)
+            return self._versions.get(key_id, 0)
+        if not version:
+            self._no_version.add(key_id)
+        self._versions[key_id] = version
+        return version
 
     async def fill_pool(self) -> None:
         """Keep up to POOL_SIZE fresh DEKs ready for each CMK that new files use (run in the
@@ -174,9 +220,6 @@ class KeyManager:
                 return
             del self._cache[fid]
 
-    def forget(self, file_id: bytes) -> None:
-        self._cache.pop(file_id, None)
-
     # --- revocation ---------------------------------------------------------------------
 
     async def watch(self) -> None:
@@ -221,21 +264,20 @@ class KeyManager:
 
     async def _follow_rotation(self, key_id: str, pool: list) -> None:
         """DEKs prepared before a rotation of their CMK are wrapped under its old version.
-        One fresh DEK per check tells the current version; prepared ones under another are
-        dropped, so new files follow a rotation within one check period."""
-        try:
-            fresh = await self._create(key_id)
-        except KeyError_:
-            return  # the revocation check below tells why
-        version = key_version(fresh[0])
-        current = [item for item in pool if key_version(item[0]) == version]
+        The CMK's rotation status, asked once per check, tells the current version; prepared
+        DEKs recorded under another are dropped, so new files follow a rotation within one
+        check period."""
+        if key_id in self._no_version:
+            return
+        version = await self._learn_version(key_id)
+        if not version:
+            return
+        current = [item for item in pool if item[0].key_version == version]
         if len(current) < len(pool):
             log.info("key %s was rotated: %d data keys prepared under its previous version "
                      "were dropped", key_id, len(pool) - len(current))
             pool[:] = current
             self._pool_low.set()
-        if len(pool) < POOL_SIZE:
-            pool.append(fresh)
 
     def _drop_key(self, key_id: str) -> None:
         for fid in [f for f, (_, _, k) in self._cache.items() if k == key_id]:

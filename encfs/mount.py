@@ -15,18 +15,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import pyfuse3
 import trio
 
-from kms.client import AsyncKmsClient, KmsClient, KmsError, KmsUnavailable
-from kms.paths import default_data_dir, default_project_id, default_socket_path, SOCKET_ENV
+from kms.paths import default_data_dir
 
 from . import backing as bk
 from . import dispatch
 from . import control
+from . import kmsconn
 from .fs import EncFS
 from .keys import DEFAULT_TTL, KeyManager
 from .mounts import device_of_mountpoint
@@ -47,15 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Mount BACKING (ciphertext) on MOUNTPOINT (plaintext).")
     p.add_argument("backing")
     p.add_argument("mountpoint")
-    p.add_argument("--kms-socket", help="KMS Unix socket (default: $KMS_SOCKET or "
-                   f"{default_socket_path()}; a local KMS is started there if none answers)")
-    p.add_argument("--kms-url", help="a KMS over HTTP(S) instead of a socket, e.g. "
-                   "https://kms.REGION.myhuaweicloud.com or http://127.0.0.1:PORT "
-                   "(needs --credentials)")
-    p.add_argument("--credentials", metavar="FILE",
-                   help="Huawei access-key CSV (User Name,Access Key Id,Secret Access Key) "
-                   "for --kms-url; mode 0600")
-    p.add_argument("--project-id", help="KMS project id (default: $KMS_PROJECT_ID or 'local')")
     p.add_argument("--key", default=DEFAULT_KEY,
                    help=f"CMK (id or alias) for new files (default: {DEFAULT_KEY})")
     p.add_argument("--key-cache-ttl", type=float, default=DEFAULT_TTL, metavar="SECONDS",
@@ -74,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", help="log file when not in the foreground "
                    "(default: BACKING/.encfs/mount.log)")
     p.add_argument("--debug", action="store_true", help="log every request")
+    kmsconn.add_options(p, local_hint="; a local KMS is started there if none answers")
     return p
 
 
@@ -81,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _mount(args, argv)
-    except UserError as e:
+    except (UserError, kmsconn.KmsConnError) as e:
         print(f"encfs mount: {e}", file=sys.stderr)
         return 1
 
@@ -106,7 +97,8 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise UserError(str(e)) from None
     try:
         kms = _kms_target(args)
-        key_id = _check_key(kms, args.key)
+        key_id = kmsconn.check_key(kms, args.key)
+        kmsconn.record(backing, kms)  # tools run on BACKING without options use this KMS
         _recover_if_unclean(backing)
     except BaseException:
         lock.release()
@@ -132,7 +124,7 @@ def _recover_if_unclean(backing: bytes) -> None:
 
 
 def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.BackingConfig,
-                      mountpoint: str, kms: "KmsTarget", key_id: str) -> int:
+                      mountpoint: str, kms: kmsconn.KmsTarget, key_id: str) -> int:
     _setup_logging(args.debug)
     faulthandler.enable()
     _keep_freed_memory()
@@ -158,7 +150,7 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
             serve_as(args.user, backing)
             ops.as_root = False
             ops.euid, ops.egid = os.geteuid(), os.getegid()
-            key_id = _check_key(kms, args.key)
+            key_id = kmsconn.check_key(kms, args.key)
         log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
         # Every request allocates a few dozen objects and almost never a cycle: the default
         # threshold (700) made the cycle collector a few % of the daemon's CPU, walking
@@ -222,7 +214,7 @@ def _keep_freed_memory() -> None:
         pass
 
 
-async def _serve(ops: EncFS, target: "KmsTarget", key_id: str, ttl: float) -> None:
+async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float) -> None:
     kms = target.async_client()
     ops.keys = KeyManager(kms, key_id, ttl=ttl)
     ops.keys.open_key_ids = ops.open_key_ids
@@ -283,116 +275,15 @@ def _setup_logging(debug: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-# --- KMS --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class KmsTarget:
-    """Where the KMS is: a Unix socket, or a URL with AK/SK credentials."""
-
-    project_id: str
-    socket_path: str | None = None
-    url: str | None = None
-    credentials: str | None = None
-
-    @property
-    def where(self) -> str:
-        return self.url or self.socket_path or ""
-
-    def client(self, timeout: float = 10.0) -> KmsClient:
-        if self.url:
-            return KmsClient.from_credentials_file(self.url, self.credentials,
-                                                   project_id=self.project_id, timeout=timeout)
-        return KmsClient(self.socket_path, project_id=self.project_id, timeout=timeout)
-
-    def async_client(self) -> AsyncKmsClient:
-        if self.url:
-            return AsyncKmsClient.from_credentials_file(self.url, self.credentials,
-                                                        project_id=self.project_id)
-        return AsyncKmsClient(self.socket_path, project_id=self.project_id)
-
-
-def _kms_target(args: argparse.Namespace) -> KmsTarget:
-    """The KMS to use; with no flag and no $KMS_SOCKET, start a local KMS if none runs."""
-    project_id = args.project_id or default_project_id()
-    if args.kms_url:
-        if not args.credentials:
-            raise UserError("--kms-url needs --credentials FILE (Huawei's access-key CSV)")
-        target = KmsTarget(project_id, url=args.kms_url, credentials=args.credentials)
-        try:
-            with target.client() as c:
-                c.call("list-keys", {"limit": "1"})
-        except KmsError as e:
-            raise UserError(f"the KMS at {args.kms_url} refused us: {e}") from None
-        except (OSError, ValueError) as e:  # an unreadable or unsafe credentials file
-            raise UserError(f"credentials {args.credentials}: {e}") from None
-        return target
-    explicit = args.kms_socket or os.environ.get(SOCKET_ENV)
-    target = KmsTarget(project_id, socket_path=explicit or default_socket_path())
-    if _kms_answers(target):
-        return target
-    if explicit:
-        try:
-            target.client(timeout=5).call("list-keys", {"limit": "1"})
-        except KmsError as e:
-            raise UserError(str(e)) from None
-    start_local_kms(target, default_data_dir())
+def _kms_target(args: argparse.Namespace) -> kmsconn.KmsTarget:
+    """The KMS to use; with no KMS option and no $KMS_SOCKET, start a local KMS if none
+    answers on the default socket (an explicitly named KMS must already run)."""
+    target = kmsconn.target_from_args(args)
+    if kmsconn.explicit(args):
+        kmsconn.probe(target)
+    elif not kmsconn.answers(target):
+        kmsconn.start_local_kms(target, default_data_dir())
     return target
-
-
-def _kms_answers(target: KmsTarget) -> bool:
-    try:
-        with target.client(timeout=5) as c:
-            c.call("list-keys", {"limit": "1"})
-        return True
-    except KmsUnavailable:
-        return False
-    except KmsError as e:
-        raise UserError(f"the KMS at {target.where} refused us: {e}") from None
-
-
-def start_local_kms(target: KmsTarget, data_dir: str) -> int:
-    """Start `kms serve` detached from us, wait until it answers, return its pid."""
-    socket_path, project_id = target.socket_path, target.project_id
-    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    log_path = os.path.join(data_dir, "kms.log")
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kms", "serve", "--socket", socket_path, "--data-dir",
-             data_dir, "--project-id", project_id],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
-    with open(os.path.join(data_dir, "kms.pid"), "w") as f:
-        f.write(f"{proc.pid}\n")
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not _kms_answers(target):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise UserError(f"could not start a local KMS (see {log_path})")
-        time.sleep(0.05)
-    print(f"started a local KMS: pid {proc.pid}, socket {socket_path}, data {data_dir}, "
-          f"log {log_path}", file=sys.stderr)
-    return proc.pid
-
-
-def _check_key(target: KmsTarget, ref: str) -> str:
-    """Resolve the CMK for new files and make sure it can be used now."""
-    try:
-        with target.client() as c:
-            info = c.resolve_key(ref)
-    except KmsError as e:
-        if e.error_code in ("KMS.0207", "KMS.0205"):
-            raise UserError(f"key {ref!r} is unknown to the KMS at {target.where}; "
-                            f"create it with: kms create-key --alias {ref}") from None
-        raise UserError(f"cannot use key {ref!r}: {e}") from None
-    state = info.get("key_state")
-    if state == "3":
-        raise UserError(f"key {ref!r} ({info['key_id']}) is disabled; "
-                        f"enable it with: kms enable-key {info['key_id']}")
-    if state == "4":
-        raise UserError(f"key {ref!r} ({info['key_id']}) is pending deletion; "
-                        f"cancel with: kms cancel-key-deletion {info['key_id']}")
-    if state != "2":
-        raise UserError(f"key {ref!r} ({info['key_id']}) cannot be used (state {state})")
-    return info["key_id"]
 
 
 # --- background mode --------------------------------------------------------------------

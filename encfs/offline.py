@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from kms.client import KmsClient
-from kms.paths import default_project_id, default_socket_path
 
 from . import backing as bk
 from . import format as fmt
@@ -25,12 +24,6 @@ class Pair:
     size: int
     header: fmt.Header | None
     record: fmt.KeyRecord | None
-
-
-def kms_client(socket: str | None, project_id: str | None) -> KmsClient:
-    """A client for an already running KMS (tools never start one)."""
-    return KmsClient(socket or default_socket_path(), project_id=project_id or
-                     default_project_id())
 
 
 def read_data_header(data_path: bytes) -> tuple[int, fmt.Header | None]:

@@ -192,14 +192,18 @@ class EncryptedMount:
     log_path: str
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
+    #: how the mount reaches the KMS (default: ``kms``'s socket), e.g. ``--kms-url https://..
+    #: --credentials F --kms-ca-file F``
+    kms_args: list[str] | None = None
 
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace")
 
     def mount(self) -> None:
+        kms_args = self.kms_args if self.kms_args is not None else [
+            "--kms-socket", self.kms.socket_path, "--project-id", self.kms.project_id]
         cmd = [sys.executable, "-m", "encfs", "mount", self.backing, self.mountpoint,
-               "--kms-socket", self.kms.socket_path, "--project-id", self.kms.project_id,
-               "--key", self.key_id, "--foreground", *self.extra_args]
+               *kms_args, "--key", self.key_id, "--foreground", *self.extra_args]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
@@ -241,8 +245,10 @@ class EncryptedMount:
 
 
 def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
-               extra_args: list[str] | None = None) -> EncryptedMount:
-    """Create and mount a fresh backing dir under ``workdir``; the caller unmounts."""
+               extra_args: list[str] | None = None,
+               kms_args: list[str] | None = None) -> EncryptedMount:
+    """Create and mount a fresh backing dir under ``workdir``; the caller unmounts.
+    ``kms_args``: the mount's KMS connection options (default: ``kms``'s socket)."""
     backing = os.path.join(workdir, "backing")
     mountpoint = os.path.join(workdir, "mnt")
     os.makedirs(backing, exist_ok=True)
@@ -250,19 +256,20 @@ def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
     key_id = kms.client.resolve_key(key)["key_id"]
     m = EncryptedMount(mountpoint=mountpoint, backing=backing, key_id=key_id, kms=kms,
                        log_path=os.path.join(workdir, "encfs.log"),
-                       extra_args=list(extra_args or []))
+                       extra_args=list(extra_args or []), kms_args=kms_args)
     m.mount()
     return m
 
 
 @contextlib.contextmanager
 def temporary_mount(kms: KmsServer, prefix: str = "encfs-", key: str = "sfs/default",
-                    extra_args: list[str] | None = None) -> Iterator[EncryptedMount]:
+                    extra_args: list[str] | None = None,
+                    kms_args: list[str] | None = None) -> Iterator[EncryptedMount]:
     """A fresh backing dir in a new temp dir, mounted against ``kms``; unmounted (its
     daemon stopped) and removed on exit, also when the body fails."""
     workdir = short_tempdir(prefix)
     try:
-        m = make_mount(kms, workdir, key=key, extra_args=extra_args)
+        m = make_mount(kms, workdir, key=key, extra_args=extra_args, kms_args=kms_args)
         try:
             yield m
         finally:

@@ -13,23 +13,33 @@ import sys
 from datetime import datetime, timezone
 from typing import Sequence
 
-from kms.client import KmsError
+from kms.client import KmsClient, KmsError, KmsUnavailable
 
 from . import format as fmt
 from . import names as nm
+from . import kmsconn
 from .backing import CONTROL_DIR, printable, read_sidecar_file
 from .cipher import BlockAuthError
 from .keys import key_version
 from .mounts import backing_path_of
-from .offline import kms_client, plaintext_chunks, read_pair, unwrap
+from .offline import plaintext_chunks, read_pair, unwrap
 
 
-def _kms_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kms-socket")
-    p.add_argument("--project-id")
+def _when(ns: int) -> str:
+    try:
+        return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return f"invalid ({ns} ns)"
 
 
-def describe(path: str, socket: str | None = None, project_id: str | None = None) -> dict:
+def _target(args: argparse.Namespace, backing_file: bytes) -> kmsconn.KmsTarget:
+    """The KMS for a backing file: the options, else what its backing dir's mount uses."""
+    return kmsconn.target_from_args(args, kmsconn.backing_root_of(backing_file))
+
+
+def describe(path: str, client: KmsClient | None = None) -> dict:
+    """What the sidecar and header of ``path`` say; the CMK's alias and state from the KMS
+    when a ``client`` is given (KmsUnavailable propagates: the caller says it once)."""
     backing = os.fsencode(backing_path_of(path))
     pair = read_pair(backing)
     info: dict = {"path": path, "backing_path": os.fsdecode(backing),
@@ -44,21 +54,20 @@ def describe(path: str, socket: str | None = None, project_id: str | None = None
     if rec is None:
         info["sidecar"] = None
         return info
-    try:
-        created = datetime.fromtimestamp(rec.created_ns / 1e9, timezone.utc) \
-            .isoformat(timespec="seconds")
-    except (ValueError, OverflowError, OSError):
-        created = f"invalid ({rec.created_ns} ns)"
     info.update(file_id=rec.file_id.hex(), cmk_id=rec.key_id, key_version=key_version(rec),
-                record_sequence=rec.seq, dek_bits=rec.dek_bytes * 8, created=created)
+                record_sequence=rec.seq, dek_bits=rec.dek_bytes * 8,
+                created=_when(rec.created_ns),
+                wrapped=_when(rec.wrapped_ns) if rec.wrapped_ns else None)
     if pair.header is not None and pair.header.file_id != rec.file_id:
         info["problem"] = "the sidecar's file id differs from the data file's"
-    try:
-        with kms_client(socket, project_id) as c:
-            key = c.describe_key(rec.key_id)
-        info.update(cmk_alias=key.get("key_alias"), cmk_state=key.get("key_state"))
-    except KmsError as e:
-        info["cmk_error"] = str(e)
+    if client is not None:
+        try:
+            key = client.describe_key(rec.key_id)
+            info.update(cmk_alias=key.get("key_alias"), cmk_state=key.get("key_state"))
+        except KmsUnavailable:
+            raise
+        except KmsError as e:
+            info["cmk_error"] = str(e)
     return info
 
 
@@ -72,18 +81,32 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--file-id", metavar="HEX",
                    help="list the files with this file id (as `kms audit` shows it)")
     p.add_argument("--json", action="store_true")
-    _kms_args(p)
+    kmsconn.add_options(p)
     args = p.parse_args(argv)
     if args.file_id:
         return _find_file_id(args.paths, args.file_id, args.json)
     out, rc = [], 0
+    client: KmsClient | None = None
+    try:
+        client = kmsconn.connect(_target(args, os.fsencode(backing_path_of(args.paths[0]))))
+    except kmsconn.KmsConnError as e:
+        print(f"encfs inspect: {e}; showing what the files say without the KMS", file=sys.stderr)
     for path in args.paths:
         try:
-            out.append(describe(path, args.kms_socket, args.project_id))
+            try:
+                out.append(describe(path, client))
+            except KmsUnavailable as e:  # said once; the rest without the KMS
+                print(f"encfs inspect: {e}; showing what the files say without the KMS",
+                      file=sys.stderr)
+                client.close()
+                client = None
+                out.append(describe(path))
         except (OSError, fmt.FormatError) as e:
             print(f"encfs inspect: {printable(path)}: {getattr(e, 'strerror', None) or e}",
                   file=sys.stderr)
             rc = 1
+    if client is not None:
+        client.close()
     if args.json:
         print(json.dumps(out if len(args.paths) > 1 else (out[0] if out else None),
                          indent=1))
@@ -135,7 +158,7 @@ def decrypt_main(argv: Sequence[str] | None = None) -> int:
                                 description="Write the plaintext of a backing data file to "
                                             "stdout, using only the KMS (no mount).")
     p.add_argument("backing_file", help="a backing data file, or a file in a mount")
-    _kms_args(p)
+    kmsconn.add_options(p)
     args = p.parse_args(argv)
     path = os.fsencode(backing_path_of(args.backing_file))
     try:
@@ -146,12 +169,15 @@ def decrypt_main(argv: Sequence[str] | None = None) -> int:
             raise fmt.FormatError(f"no sidecar {os.fsdecode(nm.sidecar_of(path))}")
         if pair.record.file_id != pair.header.file_id:
             raise fmt.FormatError("the sidecar belongs to another file (file id mismatch)")
-        with kms_client(args.kms_socket, args.project_id) as c:
+        with kmsconn.connect(_target(args, path)) as c:
             dek = unwrap(c, pair.record)
         out = sys.stdout.buffer
         for chunk in plaintext_chunks(pair, dek):
             out.write(chunk)
         out.flush()
+    except kmsconn.KmsConnError as e:
+        print(f"encfs decrypt: {e}", file=sys.stderr)
+        return 1
     except (OSError, fmt.FormatError, KmsError) as e:
         print(f"encfs decrypt: {printable(args.backing_file)}: "
               f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)

@@ -6,26 +6,33 @@ block. Each sidecar is rewritten in place (the other slot, then fsync), so a cra
 instant leaves every file readable, and running the command again finishes the job:
 files already under the target key version are skipped. Works on a mounted or unmounted
 backing dir.
+
+Wrapped DEKs are opaque: which version of its CMK wrapped one is recorded in the sidecar
+(docs/FORMAT.md), and the CMK's current version comes from Huawei's public
+get-key-rotation-status. Where the KMS does not say (a grantee may not ask), every DEK is
+re-encrypted: never skipped on a guess.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import stat
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from kms.client import KmsClient, KmsError
+from kms.client import KmsClient, KmsError, KmsUnavailable
 
 from . import backing as bk
 from . import format as fmt
+from . import kmsconn
 from . import names as nm
-from .keys import file_aad, key_version
+from .keys import ROTATION_STATUS, file_aad, version_of
 from .mounts import backing_path_of
-from .offline import kms_client
 from .xattrs import DIR_RECORD_XATTR
 
 
@@ -77,8 +84,12 @@ def rewrite_dir_record(dirpath: bytes,
     if new is None:
         return None
     off, slot, written = fmt.next_slot_write(data, new)
-    os.setxattr(dirpath, DIR_RECORD_XATTR, data[:off] + slot + data[off + len(slot):],
-                os.XATTR_REPLACE, follow_symlinks=False)
+    value = bytearray(data)
+    value[off:off + len(slot)] = slot
+    upgrade = fmt.upgrade_head(data)  # one setxattr: slot and head change together
+    if upgrade is not None:
+        value[upgrade[0]:upgrade[0] + len(upgrade[1])] = upgrade[1]
+    os.setxattr(dirpath, DIR_RECORD_XATTR, bytes(value), os.XATTR_REPLACE, follow_symlinks=False)
     return written
 
 
@@ -95,6 +106,10 @@ def rewrite_record(side: bytes,
         off, slot, written = fmt.next_slot_write(data, new)
         os.pwrite(fd, slot, off)
         os.fsync(fd)
+        upgrade = fmt.upgrade_head(data)
+        if upgrade is not None:  # only once the new slot is durable (see fmt.upgrade_head)
+            os.pwrite(fd, upgrade[1], upgrade[0])
+            os.fsync(fd)
         return written
     finally:
         os.close(fd)
@@ -104,24 +119,35 @@ class Rewrapper:
     def __init__(self, client: KmsClient, to_key: str | None):
         self.client = client
         self.to_key = to_key
-        self.newest: dict[str, int] = {}  # CMK id -> newest version seen in a reply
+        #: CMK id -> its current version (0: the KMS does not say), asked once per run.
+        #: A rotation during the run only makes records claim an older version than the
+        #: true one: the next run re-encrypts those again, nothing is skipped wrongly.
+        self.versions: dict[str, int] = {}
+
+    def version(self, key_id: str) -> int:
+        if key_id not in self.versions:
+            try:
+                self.versions[key_id] = version_of(
+                    self.client.call(ROTATION_STATUS, {"key_id": key_id}))
+            except KmsUnavailable:
+                raise
+            except KmsError:
+                self.versions[key_id] = 0
+        return self.versions[key_id]
 
     def rewrap(self, rec: fmt.KeyRecord) -> fmt.KeyRecord | None:
         dest = self.to_key or rec.key_id
-        if rec.key_id == dest and dest in self.newest and key_version(rec) == self.newest[dest]:
+        version = self.version(dest)
+        if rec.key_id == dest and version and rec.key_version == version:
             return None
         reply = self.client.call("re-encrypt", {
             "cipher_text": rec.cipher_text, "source_key_id": rec.key_id,
             "destination_key_id": dest, "datakey_cipher_length": str(rec.dek_bytes),
             "source_additional_authenticated_data": file_aad(rec.file_id),
             "destination_additional_authenticated_data": file_aad(rec.file_id)})
-        new = fmt.KeyRecord(file_id=rec.file_id, key_id=reply["key_id"],
-                            wrapped_dek=bytes.fromhex(reply["cipher_text"]),
-                            created_ns=rec.created_ns, dek_bytes=rec.dek_bytes)
-        version = key_version(new)
-        if version is not None:
-            self.newest[new.key_id] = version
-        return new
+        return dataclasses.replace(rec, key_id=reply["key_id"],
+                                   wrapped_dek=bytes.fromhex(reply["cipher_text"]),
+                                   wrapped_ns=time.time_ns(), key_version=version)
 
 
 def run(backing: bytes, top: bytes, client: KmsClient, to_key: str | None,
@@ -140,6 +166,10 @@ def run(backing: bytes, top: bytes, client: KmsClient, to_key: str | None,
                 summary.rewrapped += 1
         except FileNotFoundError:
             pass  # removed or renamed through the mount while we walked
+        except KmsUnavailable:
+            if progress:
+                print(file=sys.stderr)
+            raise  # one line from main, not one per remaining file
         except (KmsError, fmt.FormatError) as e:
             summary.failed.append(f"{rel}: {e}")
         except OSError as e:
@@ -160,8 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "the newest version of each file's own CMK")
     p.add_argument("--path", help="only this subtree (a backing or mounted path)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--kms-socket")
-    p.add_argument("--project-id")
+    kmsconn.add_options(p)
     args = p.parse_args(argv)
     backing = os.fsencode(os.path.abspath(args.backing))
     top = os.fsencode(os.path.abspath(backing_path_of(args.path))) if args.path else backing
@@ -172,10 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("encfs rewrap: --path must lie inside BACKING", file=sys.stderr)
         return 2
     try:
-        with kms_client(args.kms_socket, args.project_id) as client:
+        target = kmsconn.target_for_tool(args, backing)
+        with kmsconn.connect(target) as client:
             to_key = client.resolve_key(args.to_key)["key_id"] if args.to_key else None
             summary = run(backing, top, client, to_key,
                           progress=sys.stderr.isatty() and not args.json)
+    except kmsconn.KmsConnError as e:
+        print(f"encfs rewrap: {e}", file=sys.stderr)
+        return 2
     except KmsError as e:
         print(f"encfs rewrap: {e}", file=sys.stderr)
         return 2

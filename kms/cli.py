@@ -1,7 +1,8 @@
 """``kms``: run the daemon (``kms serve``) or call one API operation per subcommand.
 
 Readable tables by default, ``--json`` prints the daemon's reply unchanged for scripts.
-Wherever a KEY is taken, an alias works too (resolved with the x-encfs-resolve-key extension).
+Wherever a KEY is taken, an alias works too (resolved with Huawei's list-keys and aliases API, or
+our daemon's x-encfs-resolve-key extension where it answers).
 User mistakes end with one line on stderr and exit status 1 (2 for bad usage), never a traceback.
 """
 
@@ -422,7 +423,7 @@ def _is_id(ref: str) -> bool:
 
 def _serve(a: argparse.Namespace) -> int:
     from . import auth
-    from .server import ServerConfig, serve
+    from .server import ServerConfig, serve, server_tls_context
     from .store import StoreError
 
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
@@ -433,15 +434,27 @@ def _serve(a: argparse.Namespace) -> int:
         raise UsageError(f"--socket-mode {a.socket_mode!r} is not an octal mode such as 600") from None
     listen = None
     creds = None
+    tls = None
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together (kms make-cert makes both)")
+    if a.tls_cert and not a.listen:
+        raise UsageError("--tls-cert/--tls-key are for the TCP listener: add --listen HOST:PORT")
     if a.listen:
         host, sep, port = a.listen.rpartition(":")
         if not sep or not port.isdigit():
             raise UsageError(f"--listen {a.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8443")
         listen = (host.strip("[]") or "127.0.0.1", int(port))
-        if listen[0] not in ("127.0.0.1", "::1", "localhost"):
-            # Plain HTTP: signatures stop forgery, but bodies (data keys!) travel in the clear.
-            logging.getLogger("kms").warning("--listen %s is not a loopback address: replies, including "
-                                             "plaintext data keys, cross the network unencrypted", a.listen)
+        if a.tls_cert:
+            try:
+                tls = server_tls_context(a.tls_cert, a.tls_key)
+            except (OSError, ValueError) as e:     # ssl.SSLError is an OSError
+                raise UsageError(f"cannot use --tls-cert {a.tls_cert} / --tls-key {a.tls_key}: "
+                                 f"{getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e}") from None
+        elif listen[0] not in ("127.0.0.1", "::1", "localhost"):
+            # Plain HTTP: signatures stop forgery, but bodies (data keys!) would travel in the clear.
+            raise UsageError(f"refusing plain HTTP on --listen {a.listen}, which is not a loopback address: "
+                             f"data keys would cross the network in the clear. Add --tls-cert FILE --tls-key "
+                             f"FILE (kms make-cert --dir DIR --host NAME makes them), or listen on 127.0.0.1")
         if not getattr(a, "credentials", None):
             raise UsageError("--listen needs --credentials FILE (Huawei access-key CSV)")
         try:
@@ -467,7 +480,8 @@ def _serve(a: argparse.Namespace) -> int:
                           header_timeout=a.header_timeout, body_timeout=a.body_timeout,
                           idle_timeout=a.idle_timeout, max_connections=a.max_connections,
                           max_connections_per_peer=a.max_connections_per_uid, rate_limit=float(m.group(1)),
-                          passphrase=_passphrase(a.passphrase_file))
+                          passphrase=_passphrase(a.passphrase_file), tls=tls,
+                          strict_huawei=a.strict_huawei)
     try:
         return serve(config)
     except (StoreError, OSError) as e:
@@ -514,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--url", default=argparse.SUPPRESS, metavar="URL",
                         help=f"talk to a KMS over TCP instead of the socket: http://HOST:PORT or "
                              f"https://HOST[:PORT], requests signed with AK/SK (env {URL_ENV})")
+    common.add_argument("--ca-file", default=argparse.SUPPRESS, metavar="FILE",
+                        help="with an https:// --url: trust only the CA certificate(s) in FILE (e.g. the ca.pem "
+                             "of kms make-cert)")
     common.add_argument("--credentials", default=argparse.SUPPRESS, metavar="FILE",
                         help=f"Huawei access-key CSV (mode 0600): with --url the client's key (env "
                              f"{CREDENTIALS_ENV}); with serve --listen the keys accepted")
@@ -525,7 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
     s.add_argument("--data-dir", default=None, help="key store directory (env KMS_DATA_DIR)")
     s.add_argument("--socket-mode", default="600", help="octal mode of the socket (default 600)")
-    s.add_argument("--listen", metavar="HOST:PORT", help="also serve Huawei's SDK over TCP (AK/SK signed)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="also serve Huawei's SDK over TCP (AK/SK signed); "
+                   "plain HTTP only on a loopback address, elsewhere --tls-cert/--tls-key are required")
+    s.add_argument("--tls-cert", metavar="FILE", help="serve --listen over TLS with this certificate (PEM chain)")
+    s.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    s.add_argument("--strict-huawei", action="store_true",
+                   help="TESTING: behave as Huawei Cloud KMS to a client: refuse every x-encfs-* extension "
+                        "as an unknown path, present data-key ciphertexts in a foreign layout")
     s.add_argument("--test-clock-file", metavar="FILE",
                    help=f"TESTING ONLY: file holding 'now' in Unix seconds (env {CLOCK_ENV})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -547,6 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                      help="seconds a kept-alive connection may wait for its next request (default 60)")
 
+    mc = sub.add_parser("make-cert", help="make a private CA and a server certificate for serve --tls-cert")
+    mc.add_argument("--dir", required=True, help="where ca.pem, ca.key, server.pem, server.key go (the CA is "
+                    "made once and reused for later certificates)")
+    mc.add_argument("--host", action="append", metavar="NAME",
+                    help="a host name or IP address clients use (repeatable; default: localhost and 127.0.0.1)")
+    mc.add_argument("--days", type=int, default=397, help="validity of the server certificate (default 397)")
+
     for name, (_fn, add_args, help) in COMMANDS.items():
         sp = sub.add_parser(name, parents=[common], help=help)
         add_args(sp)
@@ -557,19 +587,39 @@ def _client(a: argparse.Namespace, socket_path: str, project_id: str) -> KmsClie
     from .auth import CredentialsError
     url = getattr(a, "url", None) or os.environ.get(URL_ENV)
     creds = getattr(a, "credentials", None) or os.environ.get(CREDENTIALS_ENV)
+    ca_file = getattr(a, "ca_file", None)
     if not url:
         if getattr(a, "credentials", None):
             raise UsageError("--credentials is for --url (or serve --listen)")
+        if ca_file:
+            raise UsageError("--ca-file is for an https:// --url")
         return KmsClient(socket_path, project_id)
     if not creds:
         raise UsageError("--url needs --credentials FILE (Huawei access-key CSV: User Name,Access Key Id,"
                          "Secret Access Key)")
     try:
-        return KmsClient.from_credentials_file(url, creds, project_id=project_id)
+        return KmsClient.from_credentials_file(url, creds, project_id=project_id, ca_file=ca_file)
     except CredentialsError as e:
         raise UsageError(str(e)) from None
-    except ValueError as e:
+    except (OSError, ValueError) as e:     # an unreadable CA file, a malformed url
         raise UsageError(str(e)) from None
+
+
+def _make_cert(a: argparse.Namespace) -> int:
+    from .certs import write_cert_dir
+    hosts = a.host or ["localhost", "127.0.0.1"]
+    if not 1 <= a.days <= 3650:
+        raise UsageError("--days must be between 1 and 3650")
+    try:
+        paths, new_ca = write_cert_dir(a.dir, hosts, a.days)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"make-cert: {getattr(e, 'strerror', None) or e}") from None
+    print(f"{'made a new' if new_ca else 'reused the'} CA: {paths['ca.pem']} (its key: {paths['ca.key']}, keep it private)")
+    print(f"server certificate for {', '.join(hosts)}: {paths['server.pem']}, key {paths['server.key']}")
+    print(f"serve:   kms serve --listen HOST:PORT --credentials FILE --tls-cert {paths['server.pem']} "
+          f"--tls-key {paths['server.key']}")
+    print(f"clients: encfs ... --kms-url https://{hosts[0]}:PORT --credentials FILE --kms-ca-file {paths['ca.pem']}")
+    return 0
 
 
 from . import cli_crypto  # noqa: E402,F401  (registers sign, verify, import-key-material...)
@@ -585,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     project_id = getattr(a, "project_id", None) or default_project_id()
     as_json = getattr(a, "json", False)
     try:
+        if a.command == "make-cert":
+            return _make_cert(a)
         if a.command == "serve":
             a.socket, a.project_id = socket_path, project_id
             a.data_dir = a.data_dir or default_data_dir()

@@ -1,4 +1,4 @@
-"""The one client of the KMS: HTTP/1.1 over the daemon's Unix socket, or over TCP (http or
+"""The one client of the KMS: HTTP/1.1 (h11) over the daemon's Unix socket, or over TCP (http or
 https) to a remote ``kms serve --listen`` or Huawei Cloud KMS itself, keep-alive.
 
 ``KmsClient`` is synchronous (CLI, tests, scripts); ``AsyncKmsClient`` is for trio (encfs) and
@@ -11,10 +11,15 @@ Unix socket (the caller is the process's uid)::
     KmsClient("/run/user/1000/encfs-kms.sock", project_id="local")
 
 TCP, every request signed with Huawei's SDK-HMAC-SHA256 by kms.auth (the same code the daemon
-verifies with)::
+verifies with); https verifies the server's certificate against the system's trust store, or
+against ``ca_file`` only (a private CA, e.g. made by ``kms make-cert``)::
 
     KmsClient(url="https://kms.cn-north-4.myhuaweicloud.com", project_id=P, ak=AK, sk=SK)
-    KmsClient.from_credentials_file("http://127.0.0.1:8443", "credentials.csv", project_id=P)
+    KmsClient.from_credentials_file("https://127.0.0.1:8443", "credentials.csv", project_id=P,
+                                    ca_file="ca.pem")
+
+Only Huawei's public API is needed: aliases resolve with list-keys and the aliases API, using the
+``x-encfs-resolve-key`` extension of our own daemon only as a shortcut where it answers.
 
 A kept-alive connection may have been closed by the daemon (idle timeout, restart). When a
 request on a *reused* connection fails before any byte of the reply arrived, it is sent once
@@ -31,14 +36,17 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generator
 from urllib.parse import quote, urlsplit
+
+import h11
 
 from .paths import default_project_id, default_socket_path
 
 _UUID_RE = re.compile(r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}\Z")
 USER_AGENT = "encfs-kms-client/1.0"
 _MAX_RESPONSE = 16 * 1024 * 1024
+RESOLVE_EXTENSION = "x-encfs-resolve-key"
 
 
 class KmsError(Exception):
@@ -72,29 +80,142 @@ class KmsUnavailable(KmsError):
         return self.error_msg
 
 
-class _Retry(Exception):
-    """The reused connection was dead before the reply started: send again on a fresh one."""
+class KmsTlsError(KmsUnavailable):
+    """The TLS handshake failed: the server's certificate is not trusted, expired, for another
+    host, or the server does not speak TLS. Retrying does not help; the message says what to fix."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        KmsError.__init__(self, None, "KMS.TLS", f"TLS connection to {url} failed: {reason}")
+        self.socket_path = ""
+        self.url = url
+
+
+class KmsExtensionUnsupported(KmsError):
+    """An ``x-encfs-*`` operation that only encfs's own KMS daemon offers, asked of a KMS that
+    does not (Huawei Cloud KMS, or ``kms serve --strict-huawei``)."""
+
+    def __init__(self, operation: str, where: str, cause: KmsError) -> None:
+        super().__init__(cause.status, cause.error_code,
+                         f"{operation} is an extension of encfs's own KMS daemon; the KMS at {where} "
+                         f"does not offer it ({cause.error_msg})")
+        self.operation = operation
 
 
 def is_key_id(ref: str) -> bool:
     return bool(_UUID_RE.match(ref))
 
 
-def _request_bytes(method: str, path: str, body: dict | None, remote: "_Remote | None" = None) -> bytes:
-    # Written by hand rather than through h11: the client's share of a round trip is most of
-    # the per-request cost in Python, and the request shape never varies.
+def is_unknown_operation(e: KmsError) -> bool:
+    """True when the KMS answered "no such operation" (how Huawei answers a path it lacks),
+    as opposed to an answer of the operation itself."""
+    if isinstance(e, KmsUnavailable):
+        return False
+    if e.error_code in ("KMS.0201", "APIGW.0101", "APIGW.0201"):
+        return True
+    return e.status in (404, 405) and e.error_code.startswith("HTTP.")
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """A verifying client context: the system's trust store, or only the CA(s) in ``ca_file``;
+    the host name is always checked. OSError/ssl.SSLError for an unreadable CA file."""
+    ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _tls_reason(e: BaseException) -> str:
+    """What a user must fix, from an ssl error (never the bytes the peer sent)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        why = e.verify_message or "certificate verify failed"
+        hint = {"certificate has expired": "renew the server certificate (kms make-cert)",
+                "self-signed certificate": "give the CA that signed it (--kms-ca-file FILE)",
+                "self signed certificate": "give the CA that signed it (--kms-ca-file FILE)",
+                "unable to get local issuer certificate": "the CA file does not hold the CA that "
+                                                          "signed the server's certificate (--kms-ca-file)",
+                }.get(why, "")
+        if "Hostname mismatch" in why or "IP address mismatch" in why:
+            hint = "the certificate is for another host name; make one for this host (kms make-cert)"
+        return f"certificate not trusted: {why}" + (f"; {hint}" if hint else "")
+    reason = getattr(e, "reason", None) or str(e)
+    if reason in ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE") or \
+            "wrong version number" in str(e):
+        return "the server does not speak TLS (a plain-HTTP KMS? then use an http:// URL)"
+    return f"TLS handshake failed ({reason})"
+
+
+class _BadReply(ValueError):
+    """The bytes on the socket are not an HTTP/1.1 response."""
+
+
+#: What the h11 state machine is told we sent. The request bytes themselves are written by
+#: hand (the client's share of a round trip is most of the per-request cost in Python, and
+#: the request shape never varies); a response's framing depends on the request only for
+#: HEAD and CONNECT, which this client never sends. Events are immutable: built once.
+_SENT = h11.Request(method="POST", target="/", headers=[("Host", "kms"), ("Content-Length", "0")])
+_SENT_END = h11.EndOfMessage()
+
+
+class _Response:
+    """The reply to one request, parsed by a fresh h11 client state machine: ``feed(data)``
+    takes it as it arrives and returns True once it is complete (``feed(b"")`` signals EOF).
+    Then ``status``, ``body`` and ``close`` (the connection must not be reused) are set. A new
+    state machine per request: the daemon never pipelines, and a kept-alive connection
+    carries nothing between replies."""
+
+    __slots__ = ("_conn", "request", "status", "body", "close", "got_any")
+
+    def __init__(self, request: bytes = b"") -> None:
+        conn = self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
+        conn.send(_SENT)
+        conn.send(_SENT_END)
+        self.request = request
+        self.status = 0
+        self.body = bytearray()
+        self.close = False
+        self.got_any = False
+
+    def feed(self, data: bytes) -> bool:
+        conn = self._conn
+        if data:
+            self.got_any = True
+        conn.receive_data(data)
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError:
+                if not data:
+                    raise ConnectionResetError("the KMS closed the connection mid-reply") from None
+                # A fixed message: h11's own texts quote the bytes, which may be anything.
+                raise _BadReply("the KMS's reply is not HTTP/1.1") from None
+            if ev is h11.NEED_DATA:
+                return False
+            if isinstance(ev, h11.Response):
+                self.status = ev.status_code
+            elif isinstance(ev, h11.Data):
+                self.body += ev.data
+                if len(self.body) > _MAX_RESPONSE:
+                    raise _BadReply("reply too large")
+            elif isinstance(ev, h11.EndOfMessage):
+                self.close = h11.MUST_CLOSE in (conn.our_state, conn.their_state)
+                return True
+            elif isinstance(ev, h11.ConnectionClosed):
+                raise ConnectionResetError("the KMS closed the connection mid-reply")
+
+
+def _exchange(method: str, path: str, body: dict | None, remote: "_Remote | None" = None) -> _Response:
     payload = b"" if body is None and method == "GET" else json.dumps(body or {}).encode()
     target = quote(path, safe="/?=&%-._~:,+")
     if remote is None:
-        return (f"{method} {target} HTTP/1.1\r\nHost: kms\r\nContent-Type: application/json;charset=utf-8\r\n"
-                f"Content-Length: {len(payload)}\r\nAccept: application/json\r\n\r\n").encode() + payload
+        return _Response((f"{method} {target} HTTP/1.1\r\nHost: kms\r\nContent-Type: application/json;"
+                          f"charset=utf-8\r\nContent-Length: {len(payload)}\r\nAccept: application/json"
+                          f"\r\n\r\n").encode() + payload)
     from . import auth      # only TCP needs it (it pulls in the daemon's error type)
     headers = auth.sign_request(method, target, {
         "Host": remote.netloc, "Content-Type": "application/json;charset=utf-8",
         "X-Project-Id": remote.project_id, "User-Agent": USER_AGENT}, payload, remote.ak, remote.sk)
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return (f"{method} {target} HTTP/1.1\r\n{head}Content-Length: {len(payload)}\r\n"
-            f"Accept: application/json\r\n\r\n").encode() + payload
+    return _Response((f"{method} {target} HTTP/1.1\r\n{head}Content-Length: {len(payload)}\r\n"
+                      f"Accept: application/json\r\n\r\n").encode() + payload)
 
 
 @dataclass(frozen=True)
@@ -130,95 +251,6 @@ def _parse_url(url: str, project_id: str, ak: str | None, sk: str | None) -> _Re
                    netloc=u.netloc, project_id=project_id, ak=ak, sk=sk)
 
 
-class _BadReply(ValueError):
-    """The bytes on the socket are not an HTTP/1.1 response."""
-
-
-class _Response:
-    """Incremental parser of one HTTP/1.1 response (Content-Length, chunked, or until close).
-
-    ``feed(data)`` returns True once the response is complete; ``feed(b"")`` signals EOF.
-    """
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.status = 0
-        self.length: int | None = None
-        self.chunked = False
-        self.close = False
-        self.head_done = False
-        self.body = bytearray()
-        self.got_any = False
-
-    def feed(self, data: bytes) -> bool:
-        if not data:
-            if self.head_done and self.length is None and not self.chunked:
-                self.body += self.buf
-                self.close = True
-                return True
-            raise ConnectionResetError("the KMS closed the connection mid-reply")
-        self.got_any = True
-        self.buf += data
-        while not self.head_done:
-            i = self.buf.find(b"\r\n\r\n")
-            if i < 0:
-                if len(self.buf) > 65536:
-                    raise _BadReply("reply headers too long")
-                return False
-            self._head(bytes(self.buf[:i]).decode("latin-1"))
-            del self.buf[:i + 4]
-        if self.chunked:
-            return self._chunks()
-        if self.length is not None and len(self.buf) >= self.length:
-            self.body = self.buf[:self.length]
-            return True
-        if self.length is not None and len(self.buf) > _MAX_RESPONSE:
-            raise _BadReply("reply too large")
-        return False
-
-    def _head(self, head: str) -> None:
-        lines = head.split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise _BadReply(f"not an HTTP reply: {lines[0][:60]!r}")
-        status = int(parts[1])
-        if 100 <= status < 200:
-            return                      # interim reply; the real one follows
-        self.status = status
-        self.close = parts[0] == "HTTP/1.0"
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == "content-length":
-                if not value.isdigit():
-                    raise _BadReply("bad Content-Length")
-                self.length = int(value)
-            elif name == "transfer-encoding" and "chunked" in value:
-                self.chunked = True
-            elif name == "connection":
-                self.close = "close" in value or (self.close and "keep-alive" not in value)
-        if self.chunked:
-            self.length = None
-        self.head_done = True
-
-    def _chunks(self) -> bool:
-        while True:
-            i = self.buf.find(b"\r\n")
-            if i < 0:
-                return False
-            try:
-                size = int(bytes(self.buf[:i]).split(b";")[0], 16)
-            except ValueError:
-                raise _BadReply("bad chunk size") from None
-            if size == 0:
-                rest = self.buf[i + 2:]         # optional trailers, then an empty line
-                return rest.startswith(b"\r\n") or b"\r\n\r\n" in rest
-            if len(self.buf) < i + 2 + size + 2:
-                return False
-            self.body += self.buf[i + 2:i + 2 + size]
-            del self.buf[:i + 2 + size + 2]
-
-
 def _decode(status: int, data: bytes) -> Any:
     try:
         reply = json.loads(data) if data else {}
@@ -234,23 +266,94 @@ def _decode(status: int, data: bytes) -> Any:
     raise KmsError(status, f"HTTP.{status}", data[:200].decode("utf-8", "replace"))
 
 
+# ---- alias resolution (sans I/O: both clients drive the same steps) ---------------------------
+
+#: One step: (operation, body, method); the driver sends back the reply, or the KmsError.
+Step = tuple[str, dict | None, str]
+_PAGE = "100"
+
+
+def _resolve_steps(ref: str, where: str, shortcut: bool) -> Generator[Step, Any, dict]:
+    """KeyDetails of a key id or alias through Huawei's public API: describe-key for an id;
+    for an alias the keys' own aliases (list-keys, every page), then the aliases API (aliases
+    added with create-alias), then describe-key of the key found. ``shortcut``: ask our
+    daemon's x-encfs-resolve-key first (one round trip; it also creates a default key such as
+    sfs/default on first use); a KMS that lacks it answers "unknown operation" and the public
+    steps follow. The driver raises a KmsError it gets unless the steps handle it."""
+    if shortcut:
+        reply = yield (RESOLVE_EXTENSION, {"key": ref}, "POST")
+        if not isinstance(reply, KmsError):
+            return reply["key_info"]
+        if not is_unknown_operation(reply):
+            raise reply
+    if is_key_id(ref):
+        return (yield from _public_step("describe-key", {"key_id": ref}, "POST"))["key_info"]
+    marker = None
+    while True:
+        body = {"limit": _PAGE, **({"marker": marker} if marker else {})}
+        reply = yield from _public_step("list-keys", body, "POST")
+        for d in reply.get("key_details") or []:
+            if isinstance(d, dict) and d.get("key_alias") == ref and d.get("key_id"):
+                return d
+        marker = reply.get("next_marker")
+        if str(reply.get("truncated")).lower() != "true" or not marker:
+            break
+    marker = None
+    while True:
+        op = f"aliases?limit={_PAGE}" + (f"&marker={quote(str(marker))}" if marker else "")
+        reply = yield (op, None, "GET")
+        if isinstance(reply, KmsError):
+            if is_unknown_operation(reply):
+                break           # a KMS without the newer aliases API
+            raise reply
+        pages = reply if isinstance(reply, list) else [reply]
+        marker = None
+        for page in pages:
+            if not isinstance(page, dict):
+                continue
+            for a in page.get("aliases") or []:
+                if isinstance(a, dict) and a.get("alias") == ref and a.get("key_id"):
+                    found = yield from _public_step("describe-key", {"key_id": a["key_id"]}, "POST")
+                    return found["key_info"]
+            marker = marker or (page.get("page_info") or {}).get("next_marker")
+        if not marker:
+            break
+    raise KmsError(404, "KMS.0207", f"no key has the alias {ref!r} at {where} (looked through "
+                                    f"list-keys and the aliases API)")
+
+
+def _public_step(op: str, body: dict, method: str) -> Generator[Step, Any, dict]:
+    reply = yield (op, body, method)
+    if isinstance(reply, KmsError):
+        raise reply
+    return reply
+
+
 class _Base:
     def __init__(self, socket_path: str | None, project_id: str | None, timeout: float,
                  url: str | None = None, ak: str | None = None, sk: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None) -> None:
         self.project_id = project_id or default_project_id()
         self.timeout = timeout
         self._remote: _Remote | None = None
-        self._ssl_context = ssl_context
+        if ca_file is not None and ssl_context is not None:
+            raise ValueError("give either ca_file or ssl_context, not both")
+        self._ssl_context = ssl_context if ca_file is None else tls_context(ca_file)
+        #: None: not known yet whether this KMS offers x-encfs-resolve-key
+        self._shortcut: bool | None = None
         if url is not None:
             if socket_path is not None:
                 raise ValueError("give either a socket path or a url, not both")
             self._remote = _parse_url(url, self.project_id, ak, sk)
+            if ca_file is not None and self._remote.scheme != "https":
+                raise ValueError(f"a CA file is for an https:// KMS url, not {self._remote.url}")
             self.socket_path: str | None = None
             self.url: str | None = self._remote.url
         else:
             if ak is not None or sk is not None:
                 raise ValueError("ak/sk are for a url; on the Unix socket the caller is the process's uid")
+            if ca_file is not None:
+                raise ValueError("a CA file is for an https:// KMS url, not the Unix socket")
             self.socket_path = socket_path or default_socket_path()
             self.url = None
 
@@ -271,20 +374,37 @@ class _Base:
     def _path(self, operation: str) -> str:
         return f"/v1.0/{self.project_id}/kms/{operation.lstrip('/')}"
 
-    def _request(self, method: str, operation: str, body: dict | None) -> bytes:
-        return _request_bytes(method, self._path(operation), body, self._remote)
+    def _exchange(self, method: str, operation: str, body: dict | None) -> _Response:
+        return _exchange(method, self._path(operation), body, self._remote)
 
     def _ssl(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()
+            self._ssl_context = tls_context()
         return self._ssl_context
 
     def _unavailable_reason(self, reason: str) -> KmsUnavailable:
         return KmsUnavailable(self.socket_path or "", reason, url=self.url)
 
     def _unavailable(self, e: BaseException) -> KmsUnavailable:
+        if isinstance(e, ssl.SSLError) and self.url:
+            return KmsTlsError(self.url, _tls_reason(e))
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         return self._unavailable_reason(reason)
+
+    def _decode(self, operation: str, status: int, data: bytes) -> Any:
+        try:
+            return _decode(status, data)
+        except KmsError as e:
+            if operation.startswith("x-encfs-") and is_unknown_operation(e):
+                raise KmsExtensionUnsupported(operation, self.where, e) from None
+            raise
+
+    def _resolution(self, ref: str) -> Generator[Step, Any, dict]:
+        return _resolve_steps(ref, self.where, self._shortcut is not False)
+
+    def _learn(self, step: Step, reply: Any) -> None:
+        if step[0] == RESOLVE_EXTENSION:
+            self._shortcut = not (isinstance(reply, KmsError) and is_unknown_operation(reply))
 
 
 def _datakey_body(key_id: str, aad: str | None, length_bits: int) -> dict:
@@ -313,13 +433,14 @@ class KmsClient(_Base):
     """Synchronous client; one kept-alive connection; use from one thread at a time.
 
     ``KmsClient(socket_path)`` talks to the local daemon; ``KmsClient(url=..., ak=..., sk=...)``
-    to a KMS over TCP with signed requests (``ssl_context`` for https; default: the system's
-    trust store with hostname checking)."""
+    to a KMS over TCP with signed requests (https: ``ca_file`` to trust only that CA, or
+    ``ssl_context``; default: the system's trust store with hostname checking)."""
 
     def __init__(self, socket_path: str | None = None, project_id: str | None = None,
                  timeout: float = 10.0, *, url: str | None = None, ak: str | None = None,
-                 sk: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
-        super().__init__(socket_path, project_id, timeout, url, ak, sk, ssl_context)
+                 sk: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                 ca_file: str | None = None) -> None:
+        super().__init__(socket_path, project_id, timeout, url, ak, sk, ssl_context, ca_file)
         self._sock: socket.socket | None = None
 
     def __enter__(self) -> "KmsClient":
@@ -362,13 +483,12 @@ class KmsClient(_Base):
 
     def call(self, operation: str, body: dict | None = None, method: str = "POST") -> Any:
         """One API call: ``operation`` is the path below ``/v1.0/{project_id}/kms/``."""
-        request = self._request(method, operation, body)
         for attempt in range(2):
             reused = self._sock is not None
             if not reused:
                 self._connect()
             try:
-                reply = self._roundtrip(request, reused and attempt == 0)
+                reply = self._roundtrip(self._exchange(method, operation, body), reused and attempt == 0)
             except _Retry:
                 self.close()
                 continue
@@ -377,15 +497,14 @@ class KmsClient(_Base):
                 raise self._unavailable(e) from None
             if reply.close:
                 self.close()
-            return _decode(reply.status, bytes(reply.body))
+            return self._decode(operation, reply.status, bytes(reply.body))
         raise self._unavailable_reason("connection closed twice")   # pragma: no cover
 
-    def _roundtrip(self, request: bytes, may_retry: bool) -> _Response:
+    def _roundtrip(self, reply: _Response, may_retry: bool) -> _Response:
         sock = self._sock
         assert sock is not None
-        reply = _Response()
         try:
-            sock.sendall(request)
+            sock.sendall(reply.request)
             while True:
                 data = sock.recv(65536)
                 if not data and not reply.got_any and may_retry:
@@ -400,9 +519,23 @@ class KmsClient(_Base):
     # ---- helpers -------------------------------------------------------------------------
 
     def resolve_key(self, ref: str) -> dict:
-        """KeyDetails of an alias or key id (extension x-encfs-resolve-key; a default alias such
-        as ``sfs/default`` creates its key on first use)."""
-        return self.call("x-encfs-resolve-key", {"key": ref})["key_info"]
+        """KeyDetails of an alias or key id, through Huawei's public operations (the
+        x-encfs-resolve-key extension as a shortcut where the KMS has it; there a default alias
+        such as ``sfs/default`` creates its key on first use)."""
+        steps = self._resolution(ref)
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    reply: Any = self.call(*step)
+                except KmsUnavailable:
+                    raise
+                except KmsError as e:
+                    reply = e
+                self._learn(step, reply)
+                step = steps.send(reply)
+        except StopIteration as done:
+            return done.value
 
     def key_id(self, ref: str) -> str:
         return ref if is_key_id(ref) else self.resolve_key(ref)["key_id"]
@@ -426,6 +559,10 @@ class KmsClient(_Base):
                                                                   length_bytes)))
 
 
+class _Retry(Exception):
+    """The reused connection was dead before the reply started: send again on a fresh one."""
+
+
 class _AsyncConn:
     def __init__(self, stream) -> None:
         self.stream = stream
@@ -438,8 +575,8 @@ class AsyncKmsClient(_Base):
     def __init__(self, socket_path: str | None = None, project_id: str | None = None,
                  timeout: float = 10.0, max_connections: int = 8, *, url: str | None = None,
                  ak: str | None = None, sk: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        super().__init__(socket_path, project_id, timeout, url, ak, sk, ssl_context)
+                 ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None) -> None:
+        super().__init__(socket_path, project_id, timeout, url, ak, sk, ssl_context, ca_file)
         import trio
         self._trio = trio
         self._idle: list[_AsyncConn] = []
@@ -490,16 +627,15 @@ class AsyncKmsClient(_Base):
                     status, data = await self._call_pooled(method, operation, body)
         except trio.TooSlowError:
             raise self._unavailable_reason(f"no reply within {self.timeout:g}s") from None
-        return _decode(status, data)
+        return self._decode(operation, status, data)
 
     async def _call_pooled(self, method: str, operation: str, body: dict | None) -> tuple[int, bytes]:
-        request = self._request(method, operation, body)
         for attempt in range(2):
             reused = bool(self._idle)
             c = self._idle.pop() if reused else await self._open()
             keep = False
             try:
-                reply = await self._roundtrip(c, request, reused and attempt == 0)
+                reply = await self._roundtrip(c, self._exchange(method, operation, body), reused and attempt == 0)
                 keep = not reply.close
                 return reply.status, bytes(reply.body)
             except _Retry:
@@ -521,11 +657,10 @@ class AsyncKmsClient(_Base):
                         await c.stream.aclose()
         raise self._unavailable_reason("connection closed twice")   # pragma: no cover
 
-    async def _roundtrip(self, c: _AsyncConn, request: bytes, may_retry: bool) -> _Response:
+    async def _roundtrip(self, c: _AsyncConn, reply: _Response, may_retry: bool) -> _Response:
         trio = self._trio
-        reply = _Response()
         try:
-            await c.stream.send_all(request)
+            await c.stream.send_all(reply.request)
             while True:
                 data = await c.stream.receive_some(65536)
                 if not data and not reply.got_any and may_retry:
@@ -540,7 +675,21 @@ class AsyncKmsClient(_Base):
     # ---- helpers -------------------------------------------------------------------------
 
     async def resolve_key(self, ref: str) -> dict:
-        return (await self.call("x-encfs-resolve-key", {"key": ref}))["key_info"]
+        """As KmsClient.resolve_key."""
+        steps = self._resolution(ref)
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    reply: Any = await self.call(*step)
+                except KmsUnavailable:
+                    raise
+                except KmsError as e:
+                    reply = e
+                self._learn(step, reply)
+                step = steps.send(reply)
+        except StopIteration as done:
+            return done.value
 
     async def key_id(self, ref: str) -> str:
         return ref if is_key_id(ref) else (await self.resolve_key(ref))["key_id"]

@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import stat
 import struct
 import time
@@ -31,6 +32,7 @@ import trio
 from . import auth
 from .api import INLINE_OPERATIONS, MAX_BODY, Caller, Kms, KmsApiError, Result, caller_for_access_key, caller_for_uid
 from .store import Store
+from .strict import StrictHuawei
 
 log = logging.getLogger("kms")
 
@@ -59,6 +61,16 @@ class ServerConfig:
     max_connections_per_peer: int = 256     # per uid (Unix socket) or per IP address (TCP)
     rate_limit: float = 20000.0         # requests per second per caller (uid, access key); 0 = off
     passphrase: bytes | None = None     # root key from a passphrase (scrypt) instead of root.key
+    tls: ssl.SSLContext | None = None   # TLS on the TCP listener (kms serve --tls-cert/--tls-key)
+    strict_huawei: bool = False         # no x-encfs-* extensions, foreign ciphertexts (kms.strict)
+
+
+def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """TLS 1.2+ server context; OSError / ssl.SSLError for unreadable or mismatched files."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
 
 
 def make_clock(clock_file: str | None) -> Callable[[], int]:
@@ -83,8 +95,33 @@ def make_clock(clock_file: str | None) -> Callable[[], int]:
 class _Reply(Exception):
     """Answer now with this error and close, from deep inside request reading."""
 
-    def __init__(self, err: KmsApiError, close: bool = True) -> None:
+    def __init__(self, err: KmsApiError) -> None:
         self.err = err
+
+
+class _Replayed(trio.abc.Stream):
+    """A stream whose first bytes were already read (to tell TLS from plain HTTP): they are
+    received again first."""
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._first:
+            n = len(self._first) if max_bytes is None else max_bytes
+            data, self._first = self._first[:n], self._first[n:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class TokenBucket:
@@ -166,6 +203,7 @@ class Server:
         self.config = config
         self.store = store
         self.kms = Kms(store)
+        self._handle = StrictHuawei(self.kms.handle) if config.strict_huawei else self.kms.handle
         self._writes = trio.CapacityLimiter(1)
         self._sock_ino: int | None = None
         # Request ids: unique per daemon run, cheaper than a uuid4 per request.
@@ -211,8 +249,11 @@ class Server:
                 nursery.start_soon(self._accept_loop, listeners[0], False)
                 for tcp in listeners[1:]:
                     nursery.start_soon(self._accept_loop, tcp, True)
-                where = self.config.socket_path + (f" and tcp {self.config.listen[0]}:{self.config.listen[1]}"
-                                                   if self.config.listen else "")
+                where = self.config.socket_path + (
+                    f" and {'https' if self.config.tls else 'http'} {self.config.listen[0]}:{self.config.listen[1]}"
+                    if self.config.listen else "")
+                if self.config.strict_huawei:
+                    where += " (strict Huawei mode: no x-encfs-* extensions, foreign ciphertexts)"
                 c = self.config
                 log.info("serving project %s on %s (data dir %s)", c.project_id, where, c.data_dir)
                 log.info("limits: %d connections (%d per uid/IP), %s requests/s per caller, timeouts "
@@ -354,6 +395,11 @@ class Server:
         try:
             if not tcp:
                 caller = caller_for_uid(int(peer[4:]))
+            elif self.config.tls is not None:
+                stream = await self._tls(stream, peer)
+                if stream is None:
+                    reason = "no TLS"
+                    return
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
             async with stream:
                 while True:
@@ -373,12 +419,43 @@ class Server:
                 self._per_peer.pop(peer, None)
             log.debug("connection of %s ended (%s)", peer, reason or "close")
 
+    async def _tls(self, stream: trio.SocketStream, peer: str) -> trio.SSLStream | None:
+        """The TLS session of a new TCP connection, or None (closed) when the client speaks
+        plain HTTP (answered with one Huawei-style error that says to use https://) or the
+        handshake fails (a client that does not trust our certificate: logged in one line)."""
+        cfg = self.config
+        with trio.move_on_after(cfg.header_timeout):
+            first = await stream.receive_some(65536)
+            if not first:
+                await stream.aclose()
+                return None
+            if first[:1].isalpha():      # "POST /v1.0/..." where a TLS ClientHello (0x16) belongs
+                await self._reply_and_close(stream, _raw_error(
+                    400, "KMS.0201", "this KMS port speaks TLS only: use an https:// URL"))
+                log.info("%s: plain HTTP on the TLS port -> 400 KMS.0201", peer)
+                await stream.aclose()
+                return None
+            tls = trio.SSLStream(_Replayed(stream, first), cfg.tls, server_side=True,
+                                 https_compatible=True)
+            try:
+                await tls.do_handshake()
+                return tls
+            except trio.BrokenResourceError as e:
+                why = e.__cause__
+                log.info("%s: TLS handshake failed: %s", peer,
+                         getattr(why, "reason", None) or type(why).__name__ if why else "connection lost")
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        return None
+
     async def _reply_and_close(self, stream: trio.SocketStream, data: bytes, linger: float = 1.0) -> None:
         """Send a final reply, then half-close and read away what the client is still sending
         (briefly, boundedly): closing with unread data would reset the connection and the client
         might never see the reply."""
         with trio.move_on_after(min(self.config.idle_timeout, 5.0)):
             await stream.send_all(data)
+            if not isinstance(stream, trio.abc.HalfCloseableStream):
+                return      # TLS: closing sends close_notify after the reply
             await stream.send_eof()
             drained = 0
             with trio.move_on_after(linger):
@@ -412,7 +489,7 @@ class Server:
                     if not started:
                         return "idle timeout"
                     raise _Reply(KmsApiError("KMS.0201", f"request headers not complete within "
-                                                         f"{cfg.header_timeout:g}s", 408), close=True)
+                                                         f"{cfg.header_timeout:g}s", 408))
                 if not started:
                     started = True
                     deadline = trio.current_time() + cfg.header_timeout
@@ -429,7 +506,7 @@ class Server:
                 headers.setdefault(name.decode("latin-1"), value.decode("utf-8", "replace"))
             cl = headers.get("content-length")
             if cl is not None and cl.isdigit() and int(cl) > MAX_BODY:
-                raise _Reply(KmsApiError("KMS.0203", f"request body is longer than {MAX_BODY} bytes"), close=True)
+                raise _Reply(KmsApiError("KMS.0203", f"request body is longer than {MAX_BODY} bytes"))
             body = bytearray()
             deadline = trio.current_time() + cfg.body_timeout
             while True:
@@ -437,15 +514,14 @@ class Server:
                 if ev is h11.NEED_DATA:
                     if not await self._fill(conn, stream, deadline):
                         raise _Reply(KmsApiError("KMS.0201", f"request body not complete within "
-                                                             f"{cfg.body_timeout:g}s", 408), close=True)
+                                                             f"{cfg.body_timeout:g}s", 408))
                     continue
                 if isinstance(ev, h11.ConnectionClosed):
                     return "closed by peer mid-request"
                 if isinstance(ev, h11.Data):
                     body += ev.data
                     if len(body) > MAX_BODY:
-                        raise _Reply(KmsApiError("KMS.0203", f"request body is longer than {MAX_BODY} bytes"),
-                                     close=True)
+                        raise _Reply(KmsApiError("KMS.0203", f"request body is longer than {MAX_BODY} bytes"))
                 elif isinstance(ev, h11.EndOfMessage):
                     break
         except h11.RemoteProtocolError as e:
@@ -521,9 +597,9 @@ class Server:
                     k, _, v = part.partition("=")
                     query[unquote(k)] = unquote(v)
             if op in INLINE_OPERATIONS:
-                result = self.kms.handle(caller, method, op, query, body)
+                result = self._handle(caller, method, op, query, body)
             else:
-                result = await trio.to_thread.run_sync(self.kms.handle, caller, method, op, query, body,
+                result = await trio.to_thread.run_sync(self._handle, caller, method, op, query, body,
                                                        limiter=self._writes)
             return result, op, caller, False
         except KmsApiError as e:
