@@ -522,13 +522,15 @@ def _passphrase(path: str | None) -> bytes | None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", default=argparse.SUPPRESS, help="daemon socket (env KMS_SOCKET)")
+    # The second spellings are encfs's (encfs/kmsconn.py): one set of KMS options for every tool.
+    common.add_argument("--socket", "--kms-socket", dest="socket", default=argparse.SUPPRESS,
+                        help="daemon socket (env KMS_SOCKET)")
     common.add_argument("--project-id", default=argparse.SUPPRESS, help="project id (env KMS_PROJECT_ID)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print raw JSON")
-    common.add_argument("--url", default=argparse.SUPPRESS, metavar="URL",
+    common.add_argument("--url", "--kms-url", dest="url", default=argparse.SUPPRESS, metavar="URL",
                         help=f"talk to a KMS over TCP instead of the socket: http://HOST:PORT or "
                              f"https://HOST[:PORT], requests signed with AK/SK (env {URL_ENV})")
-    common.add_argument("--ca-file", default=argparse.SUPPRESS, metavar="FILE",
+    common.add_argument("--ca-file", "--kms-ca-file", dest="ca_file", default=argparse.SUPPRESS, metavar="FILE",
                         help="with an https:// --url: trust only the CA certificate(s) in FILE (e.g. the ca.pem "
                              "of kms make-cert)")
     common.add_argument("--credentials", default=argparse.SUPPRESS, metavar="FILE",

@@ -127,11 +127,13 @@ def _tls_reason(e: BaseException) -> str:
     """What a user must fix, from an ssl error (never the bytes the peer sent)."""
     if isinstance(e, ssl.SSLCertVerificationError):
         why = e.verify_message or "certificate verify failed"
+        untrusted = ("no CA we trust signed the server's certificate; give the one that did "
+                     "(encfs --kms-ca-file FILE, kms --ca-file FILE)")
         hint = {"certificate has expired": "renew the server certificate (kms make-cert)",
-                "self-signed certificate": "give the CA that signed it (--kms-ca-file FILE)",
-                "self signed certificate": "give the CA that signed it (--kms-ca-file FILE)",
-                "unable to get local issuer certificate": "the CA file does not hold the CA that "
-                                                          "signed the server's certificate (--kms-ca-file)",
+                "self-signed certificate": untrusted,
+                "self signed certificate": untrusted,
+                "self-signed certificate in certificate chain": untrusted,
+                "unable to get local issuer certificate": untrusted,
                 }.get(why, "")
         if "Hostname mismatch" in why or "IP address mismatch" in why:
             hint = "the certificate is for another host name; make one for this host (kms make-cert)"
@@ -398,6 +400,11 @@ class _Base:
             if operation.startswith("x-encfs-") and is_unknown_operation(e):
                 raise KmsExtensionUnsupported(operation, self.where, e) from None
             raise
+
+    @property
+    def has_resolve_extension(self) -> bool | None:
+        """Whether this KMS answered x-encfs-resolve-key (None: not asked yet)."""
+        return self._shortcut
 
     def _resolution(self, ref: str) -> Generator[Step, Any, dict]:
         return _resolve_steps(ref, self.where, self._shortcut is not False)

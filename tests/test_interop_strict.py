@@ -33,6 +33,7 @@ from kms.client import KmsClient, KmsError, KmsExtensionUnsupported
 
 PROJECT = "0123456789abcdef0123456789abcdef"
 AK, SK = "STRICTAK0123456789AB", "strict-secret-key-0123456789"
+BOB_AK, BOB_SK = "BOBAK0123456789ABCDE", "bob-secret-key-0123456789"
 S = fmt.SIDECAR_SUFFIX
 GRACE = 1.0
 
@@ -85,9 +86,10 @@ class Strict:
         return KmsClient.from_credentials_file(self.url, self.creds, project_id=PROJECT, ca_file=self.ca)
 
 
-def write_credentials(path: str) -> str:
+def write_credentials(path: str, rows: tuple = (("strictuser", AK, SK), ("bob", BOB_AK, BOB_SK))) -> str:
     with open(path, "w") as f:
-        f.write(f"User Name,Access Key Id,Secret Access Key\nstrictuser,{AK},{SK}\n")
+        f.write("User Name,Access Key Id,Secret Access Key\n")
+        f.writelines(f"{u},{a},{s}\n" for u, a, s in rows)
     os.chmod(path, 0o600)
     return path
 
@@ -352,6 +354,21 @@ def test_mount_over_tls_with_aksk_and_tools_follow_it(strict):
             res.stdout + res.stderr
         m.remount()
         assert fresh_read(f"{m.mountpoint}/over-tls") == b"t" * 70000
+        m.unmount()
+        # Another access key, granted only the data-key operations (not describe-key, which
+        # Huawei would need for a lookup): the key id is used as it is.
+        with strict.tls_client() as c:
+            c.call("create-grant", {"key_id": kid, "grantee_principal": "bob",
+                                    "operations": ["create-datakey", "decrypt-datakey"]})
+        bob = write_credentials(f"{m.backing}.bob.csv", (("bob", BOB_AK, BOB_SK),))
+        m.key_id = kid
+        m.kms_args = [*strict.tls_args(), "--credentials", bob]
+        m.mount()
+        assert fresh_read(f"{m.mountpoint}/over-tls") == b"t" * 70000
+        with open(f"{m.mountpoint}/by-bob", "wb") as f:
+            f.write(b"granted")
+        assert fresh_read(f"{m.mountpoint}/by-bob") == b"granted" and record(m, "by-bob").key_id == kid
+        os.unlink(f"{m.backing}.bob.csv")
 
 
 def test_huawei_sdk_over_https(strict):
