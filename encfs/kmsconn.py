@@ -83,10 +83,13 @@ class KmsTarget:
 
 # ---- options -------------------------------------------------------------------------------
 
-def add_options(p: argparse.ArgumentParser, local_hint: str = "") -> None:
+TOOL_DEFAULT = "the KMS the backing dir's mount uses, else $KMS_SOCKET, else the local socket"
+
+
+def add_options(p: argparse.ArgumentParser, local_hint: str = "",
+                default: str = TOOL_DEFAULT) -> None:
     """The KMS connection options, the same for every tool."""
-    g = p.add_argument_group("KMS connection (default: the KMS the backing dir's mount uses, "
-                             "else $KMS_SOCKET, else the local socket)")
+    g = p.add_argument_group(f"KMS connection (default: {default})")
     g.add_argument("--kms-socket", metavar="PATH",
                    help=f"our KMS daemon's Unix socket (default: $KMS_SOCKET or "
                         f"{default_socket_path()}{local_hint})")

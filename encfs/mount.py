@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", help="log file when not in the foreground "
                    "(default: BACKING/.encfs/mount.log)")
     p.add_argument("--debug", action="store_true", help="log every request")
-    kmsconn.add_options(p, local_hint="; a local KMS is started there if none answers")
+    kmsconn.add_options(p, local_hint="; a local KMS is started there if none answers",
+                        default="$KMS_SOCKET, else the local socket")
     return p
 
 

@@ -245,6 +245,18 @@ def test_mount_by_alias_then_by_id_and_a_copied_tree(strict):
             with open(f"{m.mountpoint}/by-id", "wb") as f:
                 f.write(b"by id")
             assert record(m, "by-id").key_id == kid
+            m.unmount()
+            # The backing tree copied elsewhere (another machine, a restore) mounts as it is.
+            subprocess.run(["cp", "-a", m.backing, f"{src}/copy"], check=True)
+            os.makedirs(f"{src}/copy-mnt")
+            copy = EncryptedMount(mountpoint=f"{src}/copy-mnt", backing=f"{src}/copy", key_id="strict/alias-a",
+                                  kms=strict.kms, log_path=f"{src}/copy.log", kms_args=strict.socket_args())
+            try:
+                copy.mount()
+                assert subprocess.run(["diff", "-r", f"{src}/tree", f"{copy.mountpoint}/tree"]).returncode == 0
+                assert fresh_read(f"{copy.mountpoint}/by-id") == b"by id"
+            finally:
+                copy.unmount()
     finally:
         shutil.rmtree(src, ignore_errors=True)
 
