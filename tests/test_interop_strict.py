@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -487,3 +488,39 @@ def test_serve_refuses_plain_http_off_loopback_and_bad_cert_files(strict):
               "--credentials", strict.creds, "--tls-cert", garbage, "--tls-key", garbage, timeout=30)
     assert res.returncode == 2 and "cannot use --tls-cert" in one_line(res)
     assert not os.path.exists(sock)
+
+
+def test_version_1_sidecars_stay_readable_and_rewrap_upgrades_them(strict):
+    """Backing dirs written before sidecar version 2 (no wrap time, no key version)."""
+    import zlib
+    kid = strict.kms.client.create_key("strict/old-dir")["key_id"]
+    with mounted(strict, kid) as m:
+        files = {f"old{i}": os.urandom(5000 + i) for i in range(3)}
+        for rel, data in files.items():
+            with open(f"{m.mountpoint}/{rel}", "wb") as f:
+                f.write(data)
+        m.unmount()
+        for rel in files:       # as an older encfs wrote them: trailer zero, head version 1
+            with open(f"{m.backing}/{rel}{S}", "r+b") as f:
+                data = bytearray(f.read())
+                for base in (16, 528):
+                    data[base + fmt.TRAILER_OFFSET:base + 508] = bytes(508 - fmt.TRAILER_OFFSET)
+                    if any(data[base:base + 508]):
+                        data[base + 508:base + 512] = struct.pack(">I", zlib.crc32(bytes(data[base:base + 508])))
+                data[4:6] = struct.pack(">H", 1)
+                f.seek(0)
+                f.write(data)
+            assert record(m, rel).key_version == 0 and record(m, rel).wrapped_ns == 0
+        m.mount()
+        for rel, data in files.items():
+            assert fresh_read(f"{m.mountpoint}/{rel}") == data
+        res = run("encfs", "rewrap", m.backing)       # version unknown: re-encrypted, recorded
+        assert res.stdout.strip() == "3 rewrapped, 0 already current, 0 failed", res.stdout + res.stderr
+        for rel in files:
+            with open(f"{m.backing}/{rel}{S}", "rb") as f:
+                assert fmt.sidecar_version(f.read()) == 2
+            assert record(m, rel).key_version == 1 and record(m, rel).wrapped_ns > 0
+        assert run("encfs", "rewrap", m.backing).stdout.strip() == "0 rewrapped, 3 already current, 0 failed"
+        m.remount()
+        for rel, data in files.items():
+            assert fresh_read(f"{m.mountpoint}/{rel}") == data
