@@ -154,13 +154,13 @@ def connect(target: KmsTarget, timeout: float = 10.0) -> KmsClient:
     """A client for ``target``; KmsConnError for unreadable credentials or CA files."""
     try:
         return target.client(timeout=timeout)
-    except (OSError, ValueError) as e:  # credentials / CA file unreadable, unsafe, malformed
-        what = f"credentials {target.credentials}" if target.credentials else "KMS"
-        if target.ca_file and "credential" not in str(e).lower():
-            what = f"CA file {target.ca_file}"
-        raise KmsConnError(f"{what}: {getattr(e, 'strerror', None) or e}") from None
-    except Exception as e:  # kms.auth.CredentialsError and friends: one line, no traceback
-        raise KmsConnError(f"credentials {target.credentials}: {e}") from None
+    except OSError as e:  # only the CA file is opened here (ssl.SSLError: not a certificate)
+        raise KmsConnError(f"CA file {target.ca_file}: "
+                           f"{getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e}") from None
+    except ValueError as e:  # a malformed URL
+        raise KmsConnError(str(e)) from None
+    except Exception as e:  # kms.auth.CredentialsError: its message names the file
+        raise KmsConnError(str(e)) from None
 
 
 def _ping(target: KmsTarget) -> KmsUnavailable | None:
