@@ -105,12 +105,17 @@ def is_key_id(ref: str) -> bool:
     return bool(_UUID_RE.match(ref))
 
 
+#: How KMSes answer a path they lack: ours (and Huawei's KMS layer) KMS.0201, Huawei's API
+#: gateway APIGW.0101 / APIGW.0201. Codes a client recognises, not ones our daemon answers.
+UNKNOWN_PATH_CODES = frozenset("KMS.0201 APIGW.0101 APIGW.0201".split())
+
+
 def is_unknown_operation(e: KmsError) -> bool:
     """True when the KMS answered "no such operation" (how Huawei answers a path it lacks),
     as opposed to an answer of the operation itself."""
     if isinstance(e, KmsUnavailable):
         return False
-    if e.error_code in ("KMS.0201", "APIGW.0101", "APIGW.0201"):
+    if e.error_code in UNKNOWN_PATH_CODES:
         return True
     return e.status in (404, 405) and e.error_code.startswith("HTTP.")
 
