@@ -18,6 +18,7 @@ VALUE_OPTIONS = {
     "key": "--key",
     "kms_socket": "--kms-socket",
     "kms_url": "--kms-url",
+    "kms_ca_file": "--kms-ca-file",
     "credentials": "--credentials",
     "project_id": "--project-id",
     "key_cache_ttl": "--key-cache-ttl",
