@@ -185,7 +185,11 @@ class KeyManager:
                         item = await self._create(key_id)
                     except KeyError_:
                         break
-                    if key_id not in self.revoked:  # revoked while we waited: discard
+                    # Revoked while we waited, or rotated: the version was read before
+                    # the DEK was made, and a rotation noticed meanwhile (`_follow_rotation`)
+                    # makes it stale: discard, as the rotation check discarded its peers.
+                    stale = item[0].key_version != self._versions.get(key_id, item[0].key_version)
+                    if key_id not in self.revoked and not stale:
                         pool.append(item)
 
     async def unwrap(self, rec: fmt.KeyRecord, where: str) -> bytes:
