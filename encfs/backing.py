@@ -10,12 +10,12 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import stat
 from dataclasses import dataclass
 
 from . import format as fmt
 from . import names as nm
+from .text import printable  # noqa: F401  (re-exported: bk.printable)
 
 CONTROL_DIR = b".encfs"
 CONFIG_NAME = "config.json"
@@ -32,34 +32,6 @@ class BackingInUse(BackingError):
 
 #: The largest config.json we read: it holds two small numbers.
 CONFIG_MAX = 64 * 1024
-
-
-def printable(name: bytes | str) -> str:
-    """A path or name as one line of text, for logs and CLI output.
-
-    Anyone who can write to the backing dir chooses its names: a newline would forge an
-    extra log line, an invalid UTF-8 byte would crash a strict stdout. Non-printable
-    characters (controls, separators, bidi overrides), backslashes and undecodable bytes are
-    escaped (``\\n``, ``\\xff``); everything else,
-    including non-ASCII letters, is kept as it is.
-    """
-    if isinstance(name, str):
-        name = os.fsencode(name)
-    text = name.decode("utf-8", "surrogateescape")
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if 0xdc80 <= o <= 0xdcff:  # an undecodable byte
-            out.append(f"\\x{o - 0xdc00:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        elif not ch.isprintable():  # controls, line/paragraph separators, bidi overrides
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(
-                ch, f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000
-                else f"\\U{o:08x}"))
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def open_regular(path: bytes | str, flags: int = os.O_RDONLY, what: str = "file",
@@ -461,41 +433,3 @@ def mark_clean(backing: bytes) -> None:
         pass
     except IsADirectoryError:  # planted in its place; open_backing refuses it next time
         pass
-
-
-def recover(backing: bytes) -> list[str]:
-    """After an unclean stop: finish interrupted changes (journal) and drop temp files.
-    Returns what was done, one line each. Never raises: whatever is in the control dir
-    (damaged intents, planted files) is reported and the mount goes ahead."""
-    from .journal import Journal, JournalError
-
-    done: list[str] = []
-    try:
-        journal = Journal(control_path(backing))
-    except (OSError, JournalError) as e:
-        done.append(f"could not open the journal: {getattr(e, 'strerror', None) or e}")
-    else:
-        try:
-            done += journal.replay()
-        finally:
-            journal.close()
-    tmp = control_path(backing, TMP_DIR)
-    try:
-        leftovers = os.listdir(tmp)
-    except OSError as e:
-        done.append(f"could not list {printable(tmp)}: {e.strerror}")
-        leftovers = []
-    removed = 0
-    for name in leftovers:
-        path = os.path.join(tmp, name)
-        try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                shutil.rmtree(path)  # never follows symlinks inside
-            else:
-                os.unlink(path)
-            removed += 1
-        except OSError as e:
-            done.append(f"could not remove {printable(path)}: {e.strerror}")
-    if removed:
-        done.append(f"removed {removed} temporary file(s) of interrupted writes")
-    return done

@@ -1,20 +1,15 @@
 """The FUSE frontend: a `pyfuse3.Operations` subclass mapping requests onto the backing dir.
 
-Every handler runs on the one trio thread. Handlers that do not ``await`` are atomic with
-respect to each other, which is what makes read-modify-write of a block and truncate safe
-without further locks (the per-inode lock the design asks for is the trio thread itself):
-`read`, `write` and `_truncate` never await, so two writes to one inode, even unaligned
-overlapping ones arriving in parallel from the writeback cache, cannot interleave between
-reading a block and writing it back. The only awaits are KMS calls (key loading, new
-files), which are made before any backing change they guard and serialised per inode by
-``Node.key_lock``. Whoever adds an ``await`` (a thread offload, say) inside the content
-path must add a real per-inode lock around it first.
+Content requests (read, write, truncate) go to the content executor (encfs/executor.py),
+which plans them with encfs/content.py and runs them under each file's reader/writer lock;
+that lock, not the absence of awaits, keeps a block's read-modify-write whole when
+requests overlap. Key loading awaits the KMS, serialised per inode by ``Node.key_lock``,
+before any backing change it guards. docs/ARCHITECTURE.md shows how the modules fit.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import logging
 import os
@@ -32,6 +27,7 @@ from . import format as fmt
 from . import names as nm
 from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
+from .executor import ContentExecutor, RWLock
 from .inodes import InodeTable
 from .longpath import LongPaths
 from .journal import Journal
@@ -54,7 +50,8 @@ class Node:
     """
 
     __slots__ = ("ino", "generation", "kind", "dead", "links", "lookups", "opens", "fd",
-                 "cipher", "xattr", "record", "key_lock", "block_size", "dir_dirty", "no_caps")
+                 "cipher", "xattr", "record", "key_lock", "block_size", "dir_dirty", "no_caps",
+                 "content_lock")
 
     def __init__(self, ino: int):
         self.ino = ino
@@ -74,6 +71,7 @@ class Node:
         self.block_size: int | None = None
         self.dir_dirty = False  # a directory entry of this file is not yet fsynced
         self.no_caps = False  # the backing file has no security.capability xattr
+        self.content_lock = RWLock()  # reads share it; writes and truncates hold it alone
 
 
 def _open_backing(path: bytes, flags: int, mode: int = 0o600) -> int:
@@ -154,9 +152,9 @@ class EncFS(pyfuse3.Operations):
         self.enable_writeback_cache = not shared_backing
         self.keep_cache = not shared_backing
         self.journal = Journal(bk.control_path(backing))
+        self.content = ContentExecutor(self.journal)
         self.spares = SparePool(bk.control_path(backing, bk.TMP_DIR))  # started by the mount
         self._dir_keys: dict[int, str | None] = {}  # directory inode -> its own CMK
-        self.can_preallocate = True  # until the backing filesystem says it cannot
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
         self.root_ino = os.lstat(backing).st_ino
         self.nodes = InodeTable(self.root_ino, Node)  # node ids and generations
@@ -383,12 +381,9 @@ class EncFS(pyfuse3.Operations):
 
     # --- content ------------------------------------------------------------------------
 
-    def _decrypt(self, node: Node, first: int, data: bytes) -> bytes:
-        try:
-            return node.cipher.decrypt(first, data)
-        except BlockAuthError as e:
-            self._log_bad_block(node, e.block_no, e.reason)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+    def _bad_block(self, node: Node, e: BlockAuthError) -> pyfuse3.FUSEError:
+        self._log_bad_block(node, e.block_no, e.reason)
+        return pyfuse3.FUSEError(errno.EIO)
 
     def _log_bad_block(self, node: Node, block_no: int, reason: str) -> None:
         path = self._any_path(node)
@@ -402,150 +397,16 @@ class EncFS(pyfuse3.Operations):
         except pyfuse3.FUSEError:
             return None
 
-    def _read_plain(self, node: Node, start: int, end: int) -> bytes:
-        """Plaintext bytes [start, end) of an open file; the range must lie within its size."""
-        if end <= start:
-            return b""
-        bs = node.block_size
-        first, last = start // bs, (end - 1) // bs
-        off = fmt.block_offset(first, bs)
-        data = os.pread(node.fd, fmt.block_offset(last + 1, bs) - off, off)
-        plain = self._decrypt(node, first, data)
-        return plain[start - first * bs:end - first * bs]
+    def _journal_path(self, node: Node) -> Callable[[], bytes | None]:
+        """The backing path the journal names for a change of ``node`` (None once the
+        file has no name: nobody could find it after a crash)."""
+        return lambda: self._path(node.ino) if node.links else None
 
-    def _plain_size(self, node: Node) -> tuple[int, int]:
-        csize = os.fstat(node.fd).st_size
-        return csize, fmt.plain_size(csize, node.block_size)
-
-    def _header_step(self, node: Node, csize: int) -> list[tuple]:
-        if csize < fmt.HEADER_SIZE:
-            return [("pwrite", 0, fmt.encode_header(node.record.file_id, node.block_size))]
-        return []
-
-    def _pad_step(self, node: Node, old: int, upto_block: int) -> list[tuple]:
-        """Re-encrypt a partial last block as a full one before the file grows past it."""
-        bs = node.block_size
-        tail_block, used = divmod(old, bs)
-        if used and tail_block < upto_block:
-            tail = self._read_plain(node, tail_block * bs, old)
-            return [("pwrite", fmt.block_offset(tail_block, bs),
-                     node.cipher.encrypt(tail_block, tail + bytes(bs - used)))]
-        return []
-
-    def _apply(self, node: Node, steps: list[tuple], journal: bool) -> None:
-        """Perform ("pwrite", offset, data) / ("truncate", size) steps on an open file.
-
-        With ``journal``, the steps are first recorded as an intent, so that a crash between
-        them is finished at the next mount and the file ends in its new state.
-        """
-        intent = None
-        if journal and len(steps) > 1 and node.links:
-            intent = self.journal.file_steps(self._path(node.ino), os.fstat(node.fd).st_ino,
-                                             steps)
-        for step in steps:
-            if step[0] == "pwrite":
-                bk.pwrite_all(node.fd, step[2], step[1])
-            else:
-                os.ftruncate(node.fd, step[1])
-        if intent is not None:
-            self.journal.done(intent)
-
-    def _reserve(self, node: Node, csize: int, old: int, first: int, last: int,
-                 plain_end: int) -> None:
-        """Preallocate every backing byte that writing plaintext blocks first..last, up to
-        plaintext offset ``plain_end`` (plus the header, and the old partial tail block
-        that gets re-padded), will touch, before any of it is written: a full backing disk
-        then fails the request cleanly with ENOSPC instead of tearing a block. Blocks in
-        between stay holes. Not a byte beyond ``plain_end``'s ciphertext: space reserved
-        past the end of a file stays allocated (a 4 KiB file held 20 KiB of disk when
-        whole 16 KiB blocks were reserved, and took that much longer to unlink)."""
-        if not self.can_preallocate:
-            return
-        bs = node.block_size
-        ranges = [(fmt.block_offset(first, bs),
-                   min(fmt.block_offset(last + 1, bs), fmt.cipher_size(plain_end, bs)))]
-        if csize < fmt.HEADER_SIZE:
-            ranges.append((0, fmt.HEADER_SIZE))
-        if old % bs and old // bs < first:
-            ranges.append((fmt.block_offset(old // bs, bs), fmt.block_offset(old // bs + 1, bs)))
-        for start, end in ranges:
-            if end <= start:
-                continue
-            # Also inside the file: the range may be a hole; allocated ranges cost a lookup.
-            if not bk.preallocate(node.fd, start, end - start):
-                self.can_preallocate = False
-                return
-
-    def _write(self, node: Node, off: int, data: bytes) -> None:
-        bs = node.block_size
-        csize, old = self._plain_size(node)
-        end = off + len(data)
-        first, last = off // bs, (end - 1) // bs
-        start = first * bs
-        stop = min((last + 1) * bs, max(old, end))
-        self._reserve(node, csize, old, first, last, stop)
-        pad = self._pad_step(node, old, first)
-        # The old ciphertext of the blocks this write rewrites, read once: it gives the
-        # plaintext around the write in its first and last blocks, and the undo record.
-        c_off = fmt.block_offset(first, bs)
-        c_end = min(fmt.block_offset(last + 1, bs), csize)
-        old_ct = os.pread(node.fd, c_end - c_off, c_off) if c_end > c_off else b""
-        cbs = fmt.cipher_block_size(bs)
-        head = tail = b""
-        need_head, need_tail = off > start, stop > end and end < old
-        if need_head or (need_tail and last == first):
-            first_plain = self._decrypt(node, first, old_ct[:cbs])
-        if need_head:
-            head = first_plain[:off - start]
-            head += bytes(off - start - len(head))
-        if need_tail:
-            k = (last - first) * cbs
-            last_plain = first_plain if last == first else \
-                self._decrypt(node, last, old_ct[k:k + cbs])
-            tail = last_plain[end - last * bs:stop - last * bs]
-        tail += bytes(stop - end - len(tail))
-        # (Large sequential writes have neither: encrypt straight from the request buffer.)
-        plain = b"".join((head, data, tail)) if head or tail else data
-        main = ("pwrite", c_off, node.cipher.encrypt(first, plain))
-        steps = self._header_step(node, csize) + pad + [main]
-        if pad:  # padding the old tail block changes the size: a redo intent finishes it
-            self._apply(node, steps, journal=True)
-            return
-        # One pwrite of whole blocks (and maybe the header before it, whose interruption
-        # leaves an empty file, its old state). A kill can still cut that pwrite between
-        # pages: an undo record restores the old ciphertext and size at the next mount.
-        if node.links:
-            undo = old_ct[:max(0, min(c_off + len(main[2]), csize) - c_off)]
-            self.journal.undo_before_write(self._path(node.ino), node.ino, c_off, undo, csize)
-        self._apply(node, steps, journal=False)
-        if node.links:
-            self.journal.write_done()
-
-    def _truncate(self, node: Node, new: int) -> None:
-        bs = node.block_size
-        csize, old = self._plain_size(node)
-        if new == old and not fmt.torn_tail(csize, bs):
-            return
-        if new == 0:
-            os.ftruncate(node.fd, 0)
-            return
-        nb, rem = divmod(new, bs)
-        if new > old:
-            self._reserve(node, csize, old, nb, nb, new)
-        steps = self._header_step(node, csize)
-        if new < old:
-            part = self._read_plain(node, nb * bs, new) if rem else b""
-            steps.append(("truncate", fmt.block_offset(nb, bs)))
-        else:
-            steps += self._pad_step(node, old, nb)
-            if old // bs == nb and old % bs:
-                part = self._read_plain(node, nb * bs, old) + bytes(new - old)
-            else:
-                part = bytes(rem)
-                steps.append(("truncate", fmt.block_offset(nb, bs)))  # in between: holes
-        if part:
-            steps.append(("pwrite", fmt.block_offset(nb, bs), node.cipher.encrypt(nb, part)))
-        self._apply(node, steps, journal=True)
+    async def _truncate(self, node: Node, new: int) -> None:
+        try:
+            await self.content.truncate(node, new, self._journal_path(node))
+        except BlockAuthError as e:
+            raise self._bad_block(node, e) from None
 
     # --- open files ---------------------------------------------------------------------
 
@@ -651,7 +512,7 @@ class EncFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         await self._open_node(node, path if node.fd is None else b"")
         try:
-            self._truncate(node, size)
+            await self._truncate(node, size)
         finally:
             self._close_node(node)
 
@@ -702,7 +563,7 @@ class EncFS(pyfuse3.Operations):
         await self._open_node(node, self._path(inode) if node.fd is None else b"")
         if flags & os.O_TRUNC:  # only if the kernel hands us O_TRUNC (atomic_o_trunc)
             try:
-                self._truncate(node, 0)
+                await self._truncate(node, 0)
             except BaseException:
                 self._close_node(node)
                 raise
@@ -715,27 +576,20 @@ class EncFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self.nodes[fh]
         self._check_key(node)
-        st = os.fstat(node.fd)
-        plain = fmt.plain_size(st.st_size, node.block_size)
-        if off >= plain or size == 0:
-            return b""
-        if not _atime_due(st):
-            return self._read_plain(node, off, min(off + size, plain))
-        # A user read that would update atime on the backing filesystem (relatime): let
-        # this one pread do it, so the backing's own atime policy applies.
-        flags = fcntl.fcntl(node.fd, fcntl.F_GETFL)
-        fcntl.fcntl(node.fd, fcntl.F_SETFL, flags & ~os.O_NOATIME)
         try:
-            return self._read_plain(node, off, min(off + size, plain))
-        finally:
-            fcntl.fcntl(node.fd, fcntl.F_SETFL, flags)
+            return await self.content.read(node, off, size, _atime_due)
+        except BlockAuthError as e:
+            raise self._bad_block(node, e) from None
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if buf:
             node = self.nodes[fh]
             self._check_key(node)
-            self._write(node, off, buf)
+            try:
+                await self.content.write(node, off, buf, self._journal_path(node))
+            except BlockAuthError as e:
+                raise self._bad_block(node, e) from None
             if len(buf) > self.max_write_seen:
                 self.max_write_seen = len(buf)
         return len(buf)

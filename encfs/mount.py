@@ -27,6 +27,7 @@ from . import dispatch
 from . import control
 from . import kmsconn
 from .fs import EncFS
+from .journal_replay import recover
 from .keys import DEFAULT_TTL, KeyManager
 from .mounts import device_of_mountpoint
 
@@ -118,7 +119,7 @@ def _recover_if_unclean(backing: bytes) -> None:
     """The dirty marker survives an unclean stop: finish what it interrupted, and say so."""
     if not bk.mark_dirty(backing):
         return
-    done = bk.recover(backing)
+    done = recover(backing)
     msg = "the last mount of this backing dir did not stop cleanly; recovered: " + \
         ("; ".join(done) if done else "nothing was left unfinished")
     print(f"encfs mount: {msg}", file=sys.stderr)  # in the log file when in background

@@ -17,7 +17,7 @@ Spares are files ``s-<hex>`` in the control dir's ``tmp/``, mode 0600, owned by 
 holding nothing but zeros: the sidecar content is written only when one is taken. A
 recycled sidecar waits in ``tmp/`` under its new name, with its old wrapped DEK, until the
 thread zeroes it, which it does in batches of `RECYCLE_BATCH` or when spares run low. Leftovers after a crash are removed by the recovery of
-``tmp/`` at the next mount (`backing.recover`).
+``tmp/`` at the next mount (`journal_replay.recover`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from encfs.content import PWrite, Truncate
 from encfs.journal import Journal, RENAME_EXCHANGE
 from encfs.renameat2 import renameat2
 
@@ -74,11 +75,11 @@ def test_file_steps_redo(tree, crash_after):
     root, j = tree
     f = os.path.join(root, b"f")
     put(f, b"x" * 100)
-    steps = [("truncate", 40), ("pwrite", 30, b"NEW"), ("truncate", 33)]
+    steps = [Truncate(40), PWrite(30, b"NEW"), Truncate(33)]
     j.file_steps(f, os.lstat(f).st_ino, steps)
     fd = os.open(f, os.O_RDWR)
     for step in steps[:crash_after]:
-        os.ftruncate(fd, step[1]) if step[0] == "truncate" else os.pwrite(fd, step[2], step[1])
+        os.ftruncate(fd, step.size) if isinstance(step, Truncate) else os.pwrite(fd, step.data, step.offset)
     os.close(fd)
     j.replay()
     assert read(f) == b"x" * 30 + b"NEW"
@@ -88,7 +89,7 @@ def test_intent_for_another_inode_is_left_alone(tree):
     root, j = tree
     f = os.path.join(root, b"f")
     put(f, b"old")
-    j.file_steps(f, os.lstat(f).st_ino, [("truncate", 0)])
+    j.file_steps(f, os.lstat(f).st_ino, [Truncate(0)])
     other = os.path.join(root, b"other")
     put(other, b"a different file")
     os.rename(other, f)  # a new inode now holds the name
