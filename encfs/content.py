@@ -304,7 +304,8 @@ def realize(plan: ContentPlan, bs: int, read_data: list[bytes], data: bytes | me
             pieces = []
             for part in step.parts:
                 if isinstance(part, New):
-                    pieces.append(data[part.start:part.end])
+                    whole = part.start == 0 and part.end == len(data)
+                    pieces.append(data if whole else memoryview(data)[part.start:part.end])
                 elif isinstance(part, Zeros):
                     pieces.append(bytes(part.n))
                 else:

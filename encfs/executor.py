@@ -30,10 +30,12 @@ from . import format as fmt
 from .cipher import BlockCipher
 from .journal import Journal
 
-#: Requests whose data (or ciphertext read) is at least this large run their crypto and
-#: backing reads in a worker thread. Below it the hand-off (~30-60 µs) costs more than it
-#: frees the trio thread for (a 16 KiB block decrypts in a few µs).
-OFFLOAD_MIN = 128 * 1024
+#: Reads of at least this much ciphertext run their pread + decrypt in a worker thread.
+#: Below it the hand-off (~30-60 µs) costs more than it frees the trio thread for (a
+#: 16 KiB block decrypts in a few µs).
+READ_OFFLOAD_MIN = 128 * 1024
+#: Writes of at least this many bytes run their reads + encryption in a worker thread.
+WRITE_OFFLOAD_MIN = 128 * 1024
 
 
 class RWLock:
@@ -121,9 +123,11 @@ class ContentExecutor:
     """Reads, writes and truncates the content of open data files, recording what a crash
     must undo or finish in ``journal``."""
 
-    def __init__(self, journal: Journal, offload_min: int = OFFLOAD_MIN):
+    def __init__(self, journal: Journal, read_offload_min: int = READ_OFFLOAD_MIN,
+                 write_offload_min: int = WRITE_OFFLOAD_MIN):
         self.journal = journal
-        self.offload_min = offload_min
+        self.read_offload_min = read_offload_min
+        self.write_offload_min = write_offload_min
         self.can_preallocate = True  # until the backing filesystem says it cannot
 
     # --- reads ---------------------------------------------------------------------------
@@ -147,7 +151,7 @@ class ContentExecutor:
                     return _read(f.fd, f.cipher, f.block_size, plan)
                 finally:
                     fcntl.fcntl(f.fd, fcntl.F_SETFL, flags)
-            if plan.blocks.length >= self.offload_min:
+            if plan.blocks.length >= self.read_offload_min:
                 return await trio.to_thread.run_sync(_read, f.fd, f.cipher, f.block_size,
                                                      plan)
             return _read(f.fd, f.cipher, f.block_size, plan)
@@ -161,7 +165,7 @@ class ContentExecutor:
         can find the file after a crash)."""
         async with f.content_lock.write():
             plan = ct.plan_write(os.fstat(f.fd).st_size, f.block_size, off, len(data))
-            if len(data) >= self.offload_min:
+            if len(data) >= self.write_offload_min:
                 done = await trio.to_thread.run_sync(self._prepare, f, plan, data)
             else:
                 done = self._prepare(f, plan, data)

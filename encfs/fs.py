@@ -161,9 +161,21 @@ class EncFS(pyfuse3.Operations):
         self.long_paths = LongPaths()  # backing paths past PATH_MAX
         self.dir_handles: dict[int, tuple[int, list[bytes]]] = {}
         self._next_dh = 1
-        self.as_root = os.geteuid() == 0
-        self.euid, self.egid = os.geteuid(), os.getegid()
         self.stats = RequestStats()  # per-request counts and latencies (encfs status)
+
+    # The daemon's own ids, asked each time: `encfs mount --user` drops from root to the
+    # user after the mount is made, and nothing has to tell the filesystem.
+    @property
+    def as_root(self) -> bool:
+        return os.geteuid() == 0
+
+    @property
+    def euid(self) -> int:
+        return os.geteuid()
+
+    @property
+    def egid(self) -> int:
+        return os.getegid()
 
     # --- paths and nodes ----------------------------------------------------------------
 

@@ -150,8 +150,6 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
             # The mount needed root (/dev/fuse); from here on we are the user, and every
             # KMS request carries the user's uid (SO_PEERCRED).
             serve_as(args.user, backing)
-            ops.as_root = False
-            ops.euid, ops.egid = os.geteuid(), os.getegid()
             key_id = kmsconn.check_key(kms, args.key)
         log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
         # Every request allocates a few dozen objects and almost never a cycle: the default

@@ -93,6 +93,15 @@ def run_fsck(m) -> None:
         assert again.returncode == 0, again.stdout + again.stderr
 
 
+def assert_fsck_clean(m) -> None:
+    """After a recovery and a clean unmount, `encfs fsck` must find nothing at all (not
+    even something `--repair` could fix): recovery alone leaves a consistent backing dir."""
+    res = subprocess.run([sys.executable, "-m", "encfs", "fsck", m.backing, "--kms-socket",
+                          m.kms.socket_path, "--project-id", m.kms.project_id],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, "fsck after recovery: " + res.stdout + res.stderr
+
+
 def start_workload(mnt: str, log_path: str, seed: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, WORKLOAD, mnt, log_path, str(seed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -115,6 +124,7 @@ def test_sigkill_filesystem_at_random_moments(kms_server):
             m.mount()
             check_after_crash(m.mountpoint, log_path)
             m.unmount()
+            assert_fsck_clean(m)
             run_fsck(m)
             m.mount()
             check_after_crash(m.mountpoint, log_path)
@@ -149,6 +159,7 @@ def test_sigkill_kms_at_random_moments(kms_server):
                 print(f"seed {seed}; log {m.log()[-3000:]}")
                 raise
         m.unmount()
+        assert_fsck_clean(m)
         run_fsck(m)
     finally:
         m.unmount()
