@@ -25,12 +25,12 @@ import mmap
 import os
 
 from .content import Step
+# RENAME_EXCHANGE and JournalError are re-exported for the journal's users.
 from .journal_codec import (INTENT_MAGIC, RENAME_EXCHANGE, UNDO_MAGIC,  # noqa: F401
                             JournalError, RenameIntent, StepsIntent, UndoRecord,
                             encode_intent_slot, encode_undo, intent_json)
 from .journal_replay import INTENT_NAME, JOURNAL_DIR, UNDO_NAME, check_dir, pending, replay_dir
 from .mounts import LOCAL_FSTYPES, fs_type_of
-from .text import printable as _show
 
 UNDO_MAP_MIN = 2 << 20  # the undo file's mapping: a 1 MiB write's record fits
 

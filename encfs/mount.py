@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import faulthandler
-import gc
 import logging
 import os
 import pwd
@@ -23,13 +20,11 @@ import trio
 from kms.paths import default_data_dir
 
 from . import backing as bk
-from . import dispatch
-from . import control
-from . import kmsconn
+from . import control, dispatch, kmsconn, tuning
 from .fs import EncFS
 from .journal_replay import recover
 from .keys import DEFAULT_TTL, KeyManager
-from .mounts import device_of_mountpoint
+from .tuning import READAHEAD_KB  # noqa: F401  (tests read it here)
 
 log = logging.getLogger("encfs")
 
@@ -129,7 +124,7 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
                       mountpoint: str, kms: kmsconn.KmsTarget, key_id: str) -> int:
     _setup_logging(args.debug)
     faulthandler.enable()
-    _keep_freed_memory()
+    tuning.keep_freed_memory()
     os.umask(0)  # modes come from the caller's request, already masked by the kernel
     ops = EncFS(backing, config, None, mountpoint=mountpoint,  # type: ignore[arg-type]
                 shared_backing=args.shared_backing)
@@ -152,12 +147,7 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
             serve_as(args.user, backing)
             key_id = kmsconn.check_key(kms, args.key)
         log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
-        # Every request allocates a few dozen objects and almost never a cycle: the default
-        # threshold (700) made the cycle collector a few % of the daemon's CPU, walking
-        # the module objects each time. Those are frozen out of its sight; the threshold
-        # still bounds the memory any cycles can hold.
-        gc.freeze()
-        gc.set_threshold(20000, 50, 50)
+        tuning.quiet_cycle_collector()
         trio.run(_serve, ops, kms, key_id, args.key_cache_ttl)
         clean = True
     finally:
@@ -166,52 +156,9 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
         pyfuse3.close(unmount=True)
         if clean:
             bk.mark_clean(backing)
-        log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
+        log.info("unmounted %s%s; %s", mountpoint, "" if clean else " after an error",
+                 dispatch.Stats.line())
     return 0
-
-
-#: The kernel's readahead window on the mount. Sequential reads then arrive as 1 MiB READ
-#: requests (the FUSE maximum here) instead of 128 KiB ones, a quarter of the requests per
-#: byte: +20 % read throughput, less daemon CPU (docs/PERFORMANCE.md). 2 and 4 MiB were
-#: slower.
-READAHEAD_KB = 1024
-
-
-async def _raise_readahead(mountpoint: str) -> None:
-    """Set the mount's readahead (needs root; otherwise the kernel's default stays).
-
-    Only after the kernel has processed our reply to FUSE's INIT, which resets it: a stat
-    of the mount (served by this daemon) returns only after that."""
-    try:
-        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        dev = device_of_mountpoint(mountpoint)
-        if dev is None:
-            return
-        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
-            f.write(str(READAHEAD_KB))
-    except OSError as e:
-        log.debug("readahead of %s left at the kernel default: %s", mountpoint, e.strerror)
-
-
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc keep and reuse the daemon's freed request buffers.
-
-    Every write request allocates about 3 MiB (the request, the ciphertext, the joined
-    blocks) and frees it again. By default glibc serves such sizes from fresh mappings, or
-    trims the heap top after the free, so each request paid for 700+ page faults, page
-    zeroing and munmap: a fifth of the daemon's CPU in sequential writes (perf). With these
-    settings freed buffers stay in the heap, at the price of keeping up to 64 MiB of it.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        for param, value in ((_M_MMAP_THRESHOLD, 16 << 20), (_M_TRIM_THRESHOLD, 64 << 20),
-                             (_M_TOP_PAD, 16 << 20)):
-            libc.mallopt(param, value)
-    except (OSError, AttributeError):  # not glibc: its defaults stay
-        pass
 
 
 async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float) -> None:
@@ -225,7 +172,7 @@ async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float)
             nursery.start_soon(ops.keys.watch)
             nursery.start_soon(ops.keys.fill_pool)
             ops.spares.start()  # after serve_as: spares belong to the serving uid
-            nursery.start_soon(_raise_readahead, ops.mountpoint)
+            nursery.start_soon(tuning.raise_readahead, ops.mountpoint)
             nursery.start_soon(control.serve, ops, target)  # encfs status
             dispatch.install()
             await pyfuse3.main()

@@ -28,7 +28,7 @@ import atheris
 with atheris.instrument_imports():
     from encfs import backing as bk
     from encfs import format as fmt
-    from encfs import journal as jn
+    from encfs import journal_codec as codec
     from encfs.cipher import BlockAuthError, BlockCipher
     from encfs.xattrs import XattrAuthError, XattrCipher
 
@@ -83,8 +83,8 @@ def xattr(data: bytes) -> None:
 
 def intent(data: bytes) -> None:
     try:
-        jn.parse_intent(data)
-    except jn.JournalError:
+        codec.decode(data)
+    except codec.JournalError:
         pass
 
 
