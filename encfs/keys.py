@@ -96,10 +96,6 @@ class KeyManager:
         self.revoked: dict[str, int] = {}
         #: CMK id -> a wrapped DEK under it (key record), to test that CMK with.
         self._probes: dict[str, fmt.KeyRecord] = {}
-        #: the CMK ids of open files, and what to do when a CMK gets revoked (both set by
-        #: the filesystem: it drops the kernel's cached pages of that CMK's files)
-        self.open_key_ids: Callable[[], set[str]] = set
-        self.on_revoke: Callable[[str], Awaitable[None]] = _nothing
         #: CMK id -> DEKs prepared ahead for new files (plaintext DEKs in memory: at most
         #: POOL_SIZE per CMK, dropped when the CMK is revoked)
         self._pools: dict[str, list[tuple[fmt.KeyRecord, bytes]]] = {}
@@ -226,18 +222,23 @@ class KeyManager:
 
     # --- revocation ---------------------------------------------------------------------
 
-    async def watch(self) -> None:
-        """Recheck every CMK in use, forever (run in the mount's nursery)."""
+    async def watch(self, open_key_ids: Callable[[], set[str]] = set,
+                    on_revoke: Callable[[str], Awaitable[None]] = _nothing) -> None:
+        """Recheck every CMK in use, forever (run in the mount's nursery).
+        ``open_key_ids()`` gives the CMK ids of open files; ``on_revoke(key_id)`` runs
+        when one gets revoked (the filesystem drops the kernel's cached pages of that
+        CMK's files)."""
         while True:
             await trio.sleep(self.check_period)
             self.expire()
-            await self.recheck()
+            await self.recheck(open_key_ids, on_revoke)
 
-    async def recheck(self) -> None:
+    async def recheck(self, open_key_ids: Callable[[], set[str]] = set,
+                      on_revoke: Callable[[str], Awaitable[None]] = _nothing) -> None:
         for key_id, pool in list(self._pools.items()):
             if pool and key_id not in self.revoked:
                 await self._follow_rotation(key_id, pool)
-        in_use = (self.open_key_ids() | {k for _, _, k in self._cache.values()}
+        in_use = (open_key_ids() | {k for _, _, k in self._cache.values()}
                   | {k for k, pool in self._pools.items() if pool}
                   | set(self.revoked))
         for key_id in in_use:
@@ -261,7 +262,7 @@ class KeyManager:
                 if newly:
                     log.error("key %s can no longer be used (%s): its files now fail with "
                               "%s", key_id, e, errno.errorcode.get(err, err))
-                    await self.on_revoke(key_id)
+                    await on_revoke(key_id)
                 continue
             if self.revoked.pop(key_id, None) is not None:
                 log.warning("key %s is usable again: access to its files is restored", key_id)

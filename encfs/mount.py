@@ -126,7 +126,10 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
     faulthandler.enable()
     tuning.keep_freed_memory()
     os.umask(0)  # modes come from the caller's request, already masked by the kernel
-    ops = EncFS(backing, config, None, mountpoint=mountpoint,  # type: ignore[arg-type]
+    # Built whole before the mount exists; the KMS client connects at its first request,
+    # so after serve_as its requests carry the serving user's uid.
+    keys = KeyManager(kms.async_client(), key_id, ttl=args.key_cache_ttl)
+    ops = EncFS(backing, config, keys, mountpoint=mountpoint,
                 shared_backing=args.shared_backing)
     options = set(pyfuse3.default_options)
     # fsname shows the backing dir in mount(8) and df; libfuse splits options on commas.
@@ -145,10 +148,11 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
             # The mount needed root (/dev/fuse); from here on we are the user, and every
             # KMS request carries the user's uid (SO_PEERCRED).
             serve_as(args.user, backing)
-            key_id = kmsconn.check_key(kms, args.key)
+            if kmsconn.check_key(kms, args.key) != key_id:  # the user may use it too
+                raise UserError(f"key {args.key} names another key for {args.user}")
         log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
         tuning.quiet_cycle_collector()
-        trio.run(_serve, ops, kms, key_id, args.key_cache_ttl)
+        trio.run(_serve, ops, keys, kms)
         clean = True
     finally:
         ops.close_all()
@@ -161,16 +165,12 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
     return 0
 
 
-async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float) -> None:
-    kms = target.async_client()
-    ops.keys = KeyManager(kms, key_id, ttl=ttl)
-    ops.keys.open_key_ids = ops.open_key_ids
-    ops.keys.on_revoke = ops.drop_cached_pages
+async def _serve(ops: EncFS, keys: KeyManager, target: kmsconn.KmsTarget) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
-            nursery.start_soon(ops.keys.watch)
-            nursery.start_soon(ops.keys.fill_pool)
+            nursery.start_soon(keys.watch, ops.open_key_ids, ops.drop_cached_pages)
+            nursery.start_soon(keys.fill_pool)
             ops.spares.start()  # after serve_as: spares belong to the serving uid
             nursery.start_soon(tuning.raise_readahead, ops.mountpoint)
             nursery.start_soon(control.serve, ops, target)  # encfs status
@@ -179,7 +179,7 @@ async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await kms.aclose()
+            await keys.kms.aclose()
 
 
 async def _terminate_on_signal() -> None:
