@@ -139,7 +139,9 @@ class EncFS(pyfuse3.Operations):
 
     def __init__(self, backing: bytes, config: bk.BackingConfig, keys: KeyManager,
                  mountpoint: str = "", cache_timeout: float = DEFAULT_CACHE_TIMEOUT,
-                 shared_backing: bool = False):
+                 shared_backing: bool = False, content: ContentExecutor | None = None):
+        """``content``: the content executor, with the journal it records into (by
+        default one over this backing dir's journal)."""
         super().__init__()
         self.backing = backing
         self.config = config
@@ -151,8 +153,8 @@ class EncFS(pyfuse3.Operations):
         self.timeout = 0.0 if shared_backing else cache_timeout
         self.enable_writeback_cache = not shared_backing
         self.keep_cache = not shared_backing
-        self.journal = Journal(bk.control_path(backing))
-        self.content = ContentExecutor(self.journal)
+        self.content = content or ContentExecutor(Journal(bk.control_path(backing)))
+        self.journal = self.content.journal  # also records renames
         self.spares = SparePool(bk.control_path(backing, bk.TMP_DIR))  # started by the mount
         self._dir_keys: dict[int, str | None] = {}  # directory inode -> its own CMK
         self.max_write_seen = 0  # the largest write request so far (root control xattr)

@@ -21,7 +21,9 @@ from kms.paths import default_data_dir
 
 from . import backing as bk
 from . import control, dispatch, kmsconn, tuning
+from .executor import ContentExecutor
 from .fs import EncFS
+from .journal import Journal
 from .journal_replay import recover
 from .keys import DEFAULT_TTL, KeyManager
 from .tuning import READAHEAD_KB  # noqa: F401  (tests read it here)
@@ -129,8 +131,9 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
     # Built whole before the mount exists; the KMS client connects at its first request,
     # so after serve_as its requests carry the serving user's uid.
     keys = KeyManager(kms.async_client(), key_id, ttl=args.key_cache_ttl)
+    content = ContentExecutor(Journal(bk.control_path(backing)))
     ops = EncFS(backing, config, keys, mountpoint=mountpoint,
-                shared_backing=args.shared_backing)
+                shared_backing=args.shared_backing, content=content)
     options = set(pyfuse3.default_options)
     # fsname shows the backing dir in mount(8) and df; libfuse splits options on commas.
     options |= {"fsname=" + os.fsdecode(backing).replace(",", "\\,"), "subtype=encfs"}
