@@ -1,10 +1,13 @@
-"""Intents of multi-step changes, finished at the next mount after a crash.
+"""The journal's I/O: intents of multi-step changes and undo records of writes, written
+into ``.encfs/journal/`` before the change and cleared after it. Their format is
+encfs/journal_codec.py; finishing them at the next mount after a crash is
+encfs/journal_replay.py.
 
 A change that takes more than one backing syscall (rename of a data file and its
 sidecar; truncate or a write that re-encrypts a partial block and moves the end of file)
 first writes an intent to ``.encfs/journal/``, then performs its steps, then clears the
-intent. The mount has at most one change in flight (its handlers do not await between the
-steps), so its intents are written in place into one file, ``inflight-change``, and cleared
+intent. The mount has at most one change in flight (the executor commits a change's steps
+on the trio thread without an await between them), so its intents are written in place into one file, ``inflight-change``, and cleared
 by zeroing their magic: creating and removing a file per rename would cost an inode
 allocation each, the most expensive thing the backing filesystem does. A second intent
 while one is open (never, today) and intents found from older versions are files of their
