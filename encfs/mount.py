@@ -27,7 +27,7 @@ from . import dispatch
 from . import control
 from . import kmsconn
 from .fs import EncFS
-from .keys import DEFAULT_TTL, KeyManager
+from .keys import DEFAULT_TTL, POOL_SIZE, KeyManager
 from .mounts import device_of_mountpoint
 
 log = logging.getLogger("encfs")
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CMK (id or alias) for new files (default: {DEFAULT_KEY})")
     p.add_argument("--key-cache-ttl", type=float, default=DEFAULT_TTL, metavar="SECONDS",
                    help="how long a plaintext DEK stays cached after use (default: 60)")
+    p.add_argument("--dek-pool", type=int, default=POOL_SIZE, metavar="N",
+                   help=f"data keys prepared ahead for new files (default: {POOL_SIZE}; "
+                   "0: each new file waits for the KMS)")
     p.add_argument("--user", metavar="USER",
                    help="(as root) mount, then serve as USER (name or uid): the KMS sees "
                    "that user, whose keys and grants decide access; add -o allow_other so "
@@ -159,7 +162,7 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
         # still bounds the memory any cycles can hold.
         gc.freeze()
         gc.set_threshold(20000, 50, 50)
-        trio.run(_serve, ops, kms, key_id, args.key_cache_ttl)
+        trio.run(_serve, ops, kms, key_id, args.key_cache_ttl, max(0, args.dek_pool))
         clean = True
     finally:
         ops.close_all()
@@ -215,9 +218,10 @@ def _keep_freed_memory() -> None:
         pass
 
 
-async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float) -> None:
+async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float,
+                 pool_size: int = POOL_SIZE) -> None:
     kms = target.async_client()
-    ops.keys = KeyManager(kms, key_id, ttl=ttl)
+    ops.keys = KeyManager(kms, key_id, ttl=ttl, pool_size=pool_size)
     ops.keys.open_key_ids = ops.open_key_ids
     ops.keys.on_revoke = ops.drop_cached_pages
     try:

@@ -17,6 +17,9 @@ import random
 import sys
 
 
+STOPPED_BY_ERROR = 3
+
+
 def main(mnt: str, log_path: str, seed: int) -> int:
     rnd = random.Random(seed)
     model: dict[str, bytes] = {}
@@ -95,8 +98,10 @@ def main(mnt: str, log_path: str, seed: int) -> int:
                 with open(f"{mnt}/{name}", "rb+") as f:
                     os.fsync(f.fileno())
                 record("fsync", name)
-    except OSError:
-        return 0  # the filesystem went away under us: expected
+    except OSError as e:
+        # The filesystem (or its KMS) went away under us: the test judges the errno.
+        print(json.dumps({"stopped": e.errno, "error": str(e)}), file=sys.stderr, flush=True)
+        return STOPPED_BY_ERROR
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 After each kill: remount; every file must be readable; a file whose last completed step
 was an fsync has exactly that content; any other file holds, page by page, one of the
-states it went through since its last fsync; `encfs fsck` is clean, or `--repair` makes it
-clean. ENCFS_CRASH_RUNS sets the number of seeds per test (30 by default; 1,000 for a
+states it went through since its last fsync; `encfs fsck` then finds nothing. Each kill
+waits until the workload has begun a seeded number of steps, the workload must have been
+stopped by an error of the kill (exit code and errno), and at least one file must have
+been verified. ENCFS_CRASH_RUNS sets the number of seeds per test (30 by default; 1,000 for a
 long run: `ENCFS_CRASH_RUNS=1000 make test PYTEST_ARGS=tests/test_crash.py`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -20,10 +23,12 @@ import time
 import pytest
 
 from encfs.pytest_plugin import short_tempdir, make_mount
+from crash_workload import STOPPED_BY_ERROR
 
 RUNS = int(os.environ.get("ENCFS_CRASH_RUNS", "30"))
 WORKLOAD = os.path.join(os.path.dirname(__file__), "crash_workload.py")
 PAGE = 4096
+STEP_WAIT = 120.0  # for the workload's first steps on a loaded machine: never reached
 
 
 def replay(log_path: str) -> tuple[dict[str, list[bytes]], set[str]]:
@@ -65,7 +70,8 @@ def page_member(actual: bytes, cands: list[bytes]) -> bool:
     return True
 
 
-def check_after_crash(mnt: str, log_path: str) -> None:
+def check_after_crash(mnt: str, log_path: str) -> int:
+    """Check every file against the log; return how many files had states to verify."""
     candidates, inflight = replay(log_path)
     present = set(os.listdir(mnt)) - {"lost+found"}  # where fsck --repair puts orphans
     contents = {}
@@ -73,29 +79,57 @@ def check_after_crash(mnt: str, log_path: str) -> None:
         with open(f"{mnt}/{name}", "rb") as f:  # EIO here is the failure we look for
             contents[name] = f.read()
     assert present - set(candidates) - inflight == set(), "files that never existed"
+    verified = 0
     for name, cands in candidates.items():
         if name in inflight:
             continue
         assert name in present, f"{name} vanished"
         assert page_member(contents[name], cands), \
             f"{name}: {len(contents[name])} bytes match none of its {len(cands)} states"
+        verified += 1
+    return verified
 
 
 def run_fsck(m) -> None:
-    base = [sys.executable, "-m", "encfs", "fsck", m.backing, "--kms-socket",
-            m.kms.socket_path, "--project-id", m.kms.project_id]
-    res = subprocess.run(base, capture_output=True, text=True)
-    if res.returncode != 0:
-        assert res.returncode == 4, res.stdout + res.stderr
-        fixed = subprocess.run(base + ["--repair"], capture_output=True, text=True)
-        assert fixed.returncode == 1, fixed.stdout + fixed.stderr
-        again = subprocess.run(base, capture_output=True, text=True)
-        assert again.returncode == 0, again.stdout + again.stderr
+    """After recovery (a remount, then a clean unmount) fsck must find nothing at all."""
+    res = subprocess.run([sys.executable, "-m", "encfs", "fsck", m.backing, "--kms-socket",
+                          m.kms.socket_path, "--project-id", m.kms.project_id],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, f"fsck after recovery: rc {res.returncode}\n{res.stdout}{res.stderr}"
 
 
 def start_workload(mnt: str, log_path: str, seed: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, WORKLOAD, mnt, log_path, str(seed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def begun_steps(log_path: str) -> int:
+    try:
+        with open(log_path) as f:
+            return sum(1 for line in f if '"op": "begin"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_steps(proc: subprocess.Popen, log_path: str, n: int) -> None:
+    """Until the workload has begun ``n`` steps (so the kill lands in the middle of work);
+    the workload still running then, so no error of its own came before the kill."""
+    deadline = time.monotonic() + STEP_WAIT
+    while begun_steps(log_path) < n:
+        assert proc.poll() is None, f"workload ended before the kill: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"fewer than {n} steps in {STEP_WAIT}s"
+        time.sleep(0.01)
+    assert proc.poll() is None, f"workload ended before the kill: {proc.stderr.read()}"
+
+
+def assert_stopped_by(proc: subprocess.Popen, errnos: set[int]) -> None:
+    """The workload ended on an OSError caused by the kill: exit code 3 and, as the last
+    line of its stderr, one of ``errnos``. Anything else (a traceback, another errno, an
+    exit before the kill) is a failure."""
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == STOPPED_BY_ERROR, f"workload rc {proc.returncode}: {err}"
+    last = json.loads(err.strip().splitlines()[-1])
+    assert last["stopped"] in errnos, f"workload stopped by {last}, not by the kill"
 
 
 @pytest.mark.fuse
@@ -107,13 +141,14 @@ def test_sigkill_filesystem_at_random_moments(kms_server):
         proc = None
         try:
             proc = start_workload(m.mountpoint, log_path, seed)
-            time.sleep(random.Random(seed).uniform(0.2, 1.2))
+            wait_for_steps(proc, log_path, random.Random(seed).randint(8, 80))
             m.process.kill()  # SIGKILL the filesystem daemon mid-workload
             m.process.wait()
-            proc.wait(30)
+            # A dead FUSE daemon: ENOTCONN for new requests, ECONNABORTED for pending ones.
+            assert_stopped_by(proc, {errno.ENOTCONN, errno.ECONNABORTED})
             m.unmount()
-            m.mount()
-            check_after_crash(m.mountpoint, log_path)
+            m.mount()  # recovery
+            assert check_after_crash(m.mountpoint, log_path) > 0, "nothing was verified"
             m.unmount()
             run_fsck(m)
             m.mount()
@@ -132,24 +167,30 @@ def test_sigkill_filesystem_at_random_moments(kms_server):
 @pytest.mark.fuse
 def test_sigkill_kms_at_random_moments(kms_server):
     work = short_tempdir("encfs-crash-")
-    m = make_mount(kms_server, work, extra_args=["--key-cache-ttl", "0"])
+    # No DEK cache and no prepared DEKs: every open and create needs the KMS, so the
+    # workload meets the dead KMS at its next step.
+    m = make_mount(kms_server, work, extra_args=["--key-cache-ttl", "0", "--dek-pool", "0"])
+    proc = None
     try:
         for seed in range(RUNS):
             sub = os.path.join(m.mountpoint, f"s{seed}")
             os.mkdir(sub)
             log_path = os.path.join(work, f"steps{seed}.jsonl")
             proc = start_workload(sub, log_path, seed)
-            time.sleep(random.Random(seed).uniform(0.1, 0.6))
+            wait_for_steps(proc, log_path, random.Random(seed).randint(8, 60))
             kms_server.kill()
-            proc.wait(60)  # the workload stops at its first EIO
+            assert_stopped_by(proc, {errno.EIO})  # the workload stops at its first EIO
             kms_server.start()
             try:
-                check_after_crash(sub, log_path)
+                assert check_after_crash(sub, log_path) > 0, "nothing was verified"
             except BaseException:
                 print(f"seed {seed}; log {m.log()[-3000:]}")
                 raise
         m.unmount()
         run_fsck(m)
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         m.unmount()
         shutil.rmtree(work, ignore_errors=True)
