@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import threading
@@ -25,8 +26,26 @@ LIMITS = ["--header-timeout", "1", "--body-timeout", "1", "--idle-timeout", "2",
 WAIT = 30.0     # generous upper bound for "eventually" on a loaded machine
 
 
+#: file descriptors the flood tests need: 2,000 client sockets here, plus the daemon's own
+FDS_NEEDED = 2000 + 1000
+
+
 @pytest.fixture(scope="module")
-def hostile_kms():
+def enough_fds():
+    """Raise our soft RLIMIT_NOFILE (inherited by the daemons started after) for the flood
+    tests: many machines default to 1,024. Restored at the end."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FDS_NEEDED if hard == resource.RLIM_INFINITY else min(FDS_NEEDED, hard)
+    assert want >= FDS_NEEDED, f"hard RLIMIT_NOFILE {hard} < {FDS_NEEDED}: raise it (ulimit -Hn)"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def hostile_kms(enough_fds):
     workdir = short_tempdir("kms-hostile-")
     os.chmod(workdir, 0o711)            # another uid may reach the socket (test_other_uid_...)
     server = start_kms_server(workdir, extra_args=LIMITS + ["--socket-mode", "666"])
@@ -359,7 +378,7 @@ def test_per_uid_connection_cap_thousands_of_connections(hostile_kms):
     assert "refusing more with 503" in hostile_kms.log()
 
 
-def test_global_connection_limit():
+def test_global_connection_limit(enough_fds):
     workdir = short_tempdir("kms-conns-")
     server = start_kms_server(workdir, extra_args=["--max-connections", "50", "--max-connections-per-uid", "1000"])
     try:
