@@ -445,3 +445,33 @@ def test_rate_limit_429():
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_rate_limit_is_per_uid():
+    """Each uid has a bucket of its own: one uid over the limit slows nobody else. A bucket
+    of one request refilled every 100 s, so no refill can happen during the test; the
+    daemon's readiness check spent uid 0's."""
+    workdir = short_tempdir("kms-rate-uid-")
+    os.chmod(workdir, 0o711)
+    server = start_kms_server(workdir, extra_args=["--rate-limit", "0.01/s", "--socket-mode", "666"])
+
+    def list_keys():
+        with KmsClient(server.socket_path, project_id=server.project_id) as c:
+            return c.call("list-keys", {"limit": "1"})["truncated"]
+
+    limited = ("kms", (429, "APIGW.0308"))
+    try:
+        with pytest.raises(KmsError) as e:
+            list_keys()
+        assert (e.value.status, e.value.error_code) == limited[1]           # uid 0: spent
+        kind, value = run_as_uid(65534, list_keys)
+        assert (kind, value) == ("ok", "false")                             # uid 65534: its own
+        kind, value = run_as_uid(65534, list_keys)
+        assert (kind, value[:2]) == limited, (kind, value)                  # ... now spent too
+        kind, value = run_as_uid(4242, list_keys)
+        assert (kind, value) == ("ok", "false")                             # a third uid: its own
+        assert "uid=65534 exceeds the rate limit" in server.log(), server.log()[-2000:]
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
