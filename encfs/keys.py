@@ -70,6 +70,11 @@ def version_unknowable(e: KmsError) -> bool:
     return e.error_code == "KMS.0306" or is_unknown_operation(e)
 
 
+def check_period(ttl: float) -> float:
+    """How often CMKs in use are rechecked: well within the grace period (the TTL)."""
+    return max(0.25, min(ttl / 4, 10.0))
+
+
 async def _nothing(_: str) -> None:
     return None
 
@@ -115,8 +120,7 @@ class KeyManager:
 
     @property
     def check_period(self) -> float:
-        """How often CMKs in use are rechecked: well within the grace period (the TTL)."""
-        return max(0.25, min(self.ttl / 4, 10.0))
+        return check_period(self.ttl)
 
     def check(self, key_id: str) -> None:
         """Raise the revocation errno if the CMK is revoked (cheap: a dict lookup)."""
