@@ -122,14 +122,15 @@ def wait_for_steps(proc: subprocess.Popen, log_path: str, n: int) -> None:
     assert proc.poll() is None, f"workload ended before the kill: {proc.stderr.read()}"
 
 
-def assert_stopped_by(proc: subprocess.Popen, errnos: set[int]) -> None:
+def assert_stopped_by(proc: subprocess.Popen, errnos: set[int], killed_at: float) -> None:
     """The workload ended on an OSError caused by the kill: exit code 3 and, as the last
-    line of its stderr, one of ``errnos``. Anything else (a traceback, another errno, an
-    exit before the kill) is a failure."""
+    line of its stderr, one of ``errnos``, raised after ``killed_at``. Anything else (a
+    traceback, another errno, an error before the kill) is a failure."""
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == STOPPED_BY_ERROR, f"workload rc {proc.returncode}: {err}"
     last = json.loads(err.strip().splitlines()[-1])
     assert last["stopped"] in errnos, f"workload stopped by {last}, not by the kill"
+    assert last["at"] >= killed_at, f"workload stopped by {last} before the kill"
 
 
 @pytest.mark.fuse
@@ -142,10 +143,12 @@ def test_sigkill_filesystem_at_random_moments(kms_server):
         try:
             proc = start_workload(m.mountpoint, log_path, seed)
             wait_for_steps(proc, log_path, random.Random(seed).randint(8, 80))
+            killed_at = time.monotonic()
             m.process.kill()  # SIGKILL the filesystem daemon mid-workload
             m.process.wait()
-            # A dead FUSE daemon: ENOTCONN for new requests, ECONNABORTED for pending ones.
-            assert_stopped_by(proc, {errno.ENOTCONN, errno.ECONNABORTED})
+            # A dead FUSE daemon: ENOTCONN for new requests, ECONNABORTED for pending ones,
+            # EIO for an fsync or close whose writeback of cached pages it cut off.
+            assert_stopped_by(proc, {errno.ENOTCONN, errno.ECONNABORTED, errno.EIO}, killed_at)
             m.unmount()
             m.mount()  # recovery
             assert check_after_crash(m.mountpoint, log_path) > 0, "nothing was verified"
@@ -178,8 +181,9 @@ def test_sigkill_kms_at_random_moments(kms_server):
             log_path = os.path.join(work, f"steps{seed}.jsonl")
             proc = start_workload(sub, log_path, seed)
             wait_for_steps(proc, log_path, random.Random(seed).randint(8, 60))
+            killed_at = time.monotonic()
             kms_server.kill()
-            assert_stopped_by(proc, {errno.EIO})  # the workload stops at its first EIO
+            assert_stopped_by(proc, {errno.EIO}, killed_at)  # it stops at its first EIO
             kms_server.start()
             try:
                 assert check_after_crash(sub, log_path) > 0, "nothing was verified"
