@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from encfs import format as fmt
 from encfs.pytest_plugin import short_tempdir, make_mount
 from crash_workload import STOPPED_BY_ERROR
 
@@ -90,12 +91,32 @@ def check_after_crash(mnt: str, log_path: str) -> int:
     return verified
 
 
-def run_fsck(m) -> None:
-    """After recovery (a remount, then a clean unmount) fsck must find nothing at all."""
-    res = subprocess.run([sys.executable, "-m", "encfs", "fsck", m.backing, "--kms-socket",
-                          m.kms.socket_path, "--project-id", m.kms.project_id],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, f"fsck after recovery: rc {res.returncode}\n{res.stdout}{res.stderr}"
+#: What a crash may leave by design, and only for the step in flight: creates, renames and
+#: unlinks put the sidecar in place first and remove it last (encfs/fs.py), so a kill in
+#: between leaves an invisible sidecar without a data file, never a data file without its
+#: key. Anything else fsck finds after a recovery is a failure.
+IN_FLIGHT_LEFTOVERS = {"orphan-sidecar"}
+
+
+def run_fsck(m, log_path: str | None = None) -> None:
+    """After recovery (a remount, then a clean unmount) fsck must find nothing, except an
+    orphan sidecar of a file whose step was in flight at the kill; --repair must clear
+    that, and fsck is clean after."""
+    base = [sys.executable, "-m", "encfs", "fsck", m.backing, "--kms-socket",
+            m.kms.socket_path, "--project-id", m.kms.project_id]
+    res = subprocess.run(base + ["--json"], capture_output=True, text=True)
+    if res.returncode == 0:
+        return
+    assert res.returncode == 4, f"fsck after recovery: rc {res.returncode}\n{res.stdout}{res.stderr}"
+    inflight = replay(log_path)[1] if log_path else set()
+    for p in json.loads(res.stdout)["problems"]:
+        name = os.path.basename(p["path"]).removesuffix(fmt.SIDECAR_SUFFIX)
+        assert p["kind"] in IN_FLIGHT_LEFTOVERS and name in inflight, \
+            f"fsck after recovery: {p} (steps in flight: {sorted(inflight)})"
+    fixed = subprocess.run(base + ["--repair"], capture_output=True, text=True)
+    assert fixed.returncode == 1, fixed.stdout + fixed.stderr
+    again = subprocess.run(base, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
 def start_workload(mnt: str, log_path: str, seed: int) -> subprocess.Popen:
@@ -153,7 +174,7 @@ def test_sigkill_filesystem_at_random_moments(kms_server):
             m.mount()  # recovery
             assert check_after_crash(m.mountpoint, log_path) > 0, "nothing was verified"
             m.unmount()
-            run_fsck(m)
+            run_fsck(m, log_path)
             m.mount()
             check_after_crash(m.mountpoint, log_path)
         except BaseException:
