@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from encfs import format as fmt
+from encfs import names as bk_names
 from encfs.pytest_plugin import short_tempdir, make_mount
 from crash_workload import STOPPED_BY_ERROR
 
@@ -92,10 +92,20 @@ def check_after_crash(mnt: str, log_path: str) -> int:
 
 
 #: What a crash may leave by design, and only for the step in flight: creates, renames and
-#: unlinks put the sidecar in place first and remove it last (encfs/fs.py), so a kill in
-#: between leaves an invisible sidecar without a data file, never a data file without its
-#: key. Anything else fsck finds after a recovery is a failure.
-IN_FLIGHT_LEFTOVERS = {"orphan-sidecar"}
+#: unlinks put the sidecar (and a long name's .name file) in place first and remove it
+#: last (encfs/fs.py, encfs/names.py), so a kill in between leaves an invisible one
+#: without its data file, never a data file without its key or name. Anything else fsck
+#: finds after a recovery is a failure.
+IN_FLIGHT_LEFTOVERS = {"orphan-sidecar", "orphan-long-name"}
+
+
+def backing_names_of(names: set[str]) -> set[str]:
+    """Every backing file name that plaintext ``names`` may have (data, sidecar, long)."""
+    out = set()
+    for name in names:
+        b = bk_names.backing_names(b"", name.encode())
+        out |= {os.fsdecode(n) for n in (b.data, b.sidecar, b.long_name) if n}
+    return out
 
 
 def run_fsck(m, log_path: str | None = None) -> None:
@@ -109,9 +119,9 @@ def run_fsck(m, log_path: str | None = None) -> None:
         return
     assert res.returncode == 4, f"fsck after recovery: rc {res.returncode}\n{res.stdout}{res.stderr}"
     inflight = replay(log_path)[1] if log_path else set()
+    allowed = backing_names_of(inflight)
     for p in json.loads(res.stdout)["problems"]:
-        name = os.path.basename(p["path"]).removesuffix(fmt.SIDECAR_SUFFIX)
-        assert p["kind"] in IN_FLIGHT_LEFTOVERS and name in inflight, \
+        assert p["kind"] in IN_FLIGHT_LEFTOVERS and os.path.basename(p["path"]) in allowed, \
             f"fsck after recovery: {p} (steps in flight: {sorted(inflight)})"
     fixed = subprocess.run(base + ["--repair"], capture_output=True, text=True)
     assert fixed.returncode == 1, fixed.stdout + fixed.stderr
