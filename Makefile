@@ -9,7 +9,7 @@ MOUNTPOINT ?= mnt
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-packages venv test mount umount clean bench bench-quick bench-deps \
-	install-mount-helper uninstall-mount-helper
+	install-mount-helper uninstall-mount-helper fuzz
 
 all: test
 
@@ -25,8 +25,12 @@ system-packages:
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(PY) -c "import pyfuse3, trio, cryptography, h11" 
+	@# pipefail: pip's exit status is the recipe's; grep only hides pip's harmless
+	@# "WARNING: Location ..." line (grep -v exits 1 when nothing is left to print).
+	set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+	  | { grep -v "^WARNING: Location" || true; }
+	@# Every dependency of the suite, the test extras too: tests import them unconditionally.
+	@$(PY) -c "import pyfuse3, trio, cryptography, h11, pytest, hypothesis, huaweicloudsdkkms, huaweicloudsdkcore"
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -35,6 +39,14 @@ setup: system-packages venv
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing of the on-disk parsers (tests/fuzz/, not in CI): atheris is
+# installed into the venv for this target only; it is no dependency of the project.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(PY) -m pip install -q --disable-pip-version-check atheris
+	@mkdir -p .fuzz-corpus
+	$(PY) tests/fuzz/fuzz_encfs_parsers.py -max_total_time=$(FUZZ_SECONDS) .fuzz-corpus
 
 # The main job: mount ./$(BACKING) (ciphertext) on ./$(MOUNTPOINT) (plaintext). A local KMS
 # with the default key sfs/default is started if none answers on the default socket.

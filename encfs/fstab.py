@@ -22,6 +22,7 @@ VALUE_OPTIONS = {
     "credentials": "--credentials",
     "project_id": "--project-id",
     "key_cache_ttl": "--key-cache-ttl",
+    "dek_pool": "--dek-pool",
     "user": "--user",
     "log": "--log",
 }

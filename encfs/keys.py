@@ -70,6 +70,11 @@ def version_unknowable(e: KmsError) -> bool:
     return e.error_code == "KMS.0306" or is_unknown_operation(e)
 
 
+def check_period(ttl: float) -> float:
+    """How often CMKs in use are rechecked: well within the grace period (the TTL)."""
+    return max(0.25, min(ttl / 4, 10.0))
+
+
 async def _nothing(_: str) -> None:
     return None
 
@@ -86,8 +91,11 @@ class KeyManager:
     nothing: files already open keep working.
     """
 
-    def __init__(self, kms: AsyncKmsClient, key_id: str, ttl: float = DEFAULT_TTL):
+    def __init__(self, kms: AsyncKmsClient, key_id: str, ttl: float = DEFAULT_TTL,
+                 pool_size: int = POOL_SIZE):
         self.kms = kms
+        #: DEKs prepared ahead per CMK; 0: every new file asks the KMS (tests of that path)
+        self.pool_size = pool_size
         self.key_id = key_id
         self.ttl = ttl
         #: file id -> (DEK, expiry on the monotonic clock, CMK id)
@@ -108,8 +116,7 @@ class KeyManager:
 
     @property
     def check_period(self) -> float:
-        """How often CMKs in use are rechecked: well within the grace period (the TTL)."""
-        return max(0.25, min(self.ttl / 4, 10.0))
+        return check_period(self.ttl)
 
     def check(self, key_id: str) -> None:
         """Raise the revocation errno if the CMK is revoked (cheap: a dict lookup)."""
@@ -126,7 +133,7 @@ class KeyManager:
         key_id = key_id or self.key_id
         self.check(key_id)
         pool = self._pools.setdefault(key_id, [])
-        if len(pool) <= POOL_SIZE // 2:
+        if len(pool) <= self.pool_size // 2 and self.pool_size:
             self._pool_low.set()
         if pool:
             rec, dek = pool.pop()
@@ -176,7 +183,7 @@ class KeyManager:
             await self._pool_low.wait()
             self._pool_low = trio.Event()
             for key_id, pool in list(self._pools.items()):
-                while len(pool) < POOL_SIZE and key_id not in self.revoked:
+                while len(pool) < self.pool_size and key_id not in self.revoked:
                     try:
                         item = await self._create(key_id)
                     except KeyError_:

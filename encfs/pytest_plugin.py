@@ -43,6 +43,41 @@ def short_tempdir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=root)
 
 
+#: What a daemon started by these fixtures inherits from the caller's environment: how to
+#: find programs and the locale, nothing else. Variables that configure the KMS or encfs
+#: (KMS_PASSPHRASE, KMS_SOCKET, KMS_PROJECT_ID, KMS_TEST_CLOCK_FILE, ...) never leak in;
+#: a test that wants one passes it explicitly.
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    """A clean, explicit environment for a daemon: ``PASSED_ENV`` of ours, plus ``extra``."""
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env.update(extra)
+    return env
+
+
+def _usable_by_others(path: str) -> bool:
+    """Whether a uid with no rights of its own can execute ``path`` (o+x on every dir)."""
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    return all(os.stat("/".join(parts[:i]) or "/").st_mode & 0o001 for i in range(1, len(parts) + 1))
+
+
+def python_for_other_uids() -> str:
+    """An interpreter for stdlib-only code run as another uid (multi-user tests).
+
+    Our own (``sys.executable``, resolved: a venv's python is a link to its base
+    interpreter) when every uid can run it; else the system's ``python3`` on the standard
+    PATH (Debian's python3-minimal, a dependency the Makefile installs), because the venv
+    may live where other uids cannot reach."""
+    for cand in (os.path.realpath(sys.executable), shutil.which("python3", path=os.defpath)):
+        if cand and _usable_by_others(cand):
+            return cand
+    raise RuntimeError("no python3 that other uids can run (install python3-minimal)")
+
+
 def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """Stop a process we started, by PID: SIGTERM, then SIGKILL."""
     if proc.poll() is not None:
@@ -100,6 +135,7 @@ class KmsServer:
     log_path: str
     process: subprocess.Popen
     extra_args: list[str] = field(default_factory=list)
+    #: the daemon's whole environment; None: ``daemon_env()``
     env: dict[str, str] | None = None
 
     @property
@@ -115,7 +151,8 @@ class KmsServer:
                "--data-dir", self.data_dir, "--project-id", self.project_id, *self.extra_args]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=self.env)
+                                        stdin=subprocess.DEVNULL,
+                                        env=self.env if self.env is not None else daemon_env())
         log.close()
         self.wait_ready()
 
@@ -206,7 +243,7 @@ class EncryptedMount:
                *kms_args, "--key", self.key_id, "--foreground", *self.extra_args]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, env=daemon_env())
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.ismount(self.mountpoint):

@@ -5,7 +5,8 @@ Usage: python crash_names_workload.py MOUNTPOINT LOGFILE SEED
 Like crash_workload.py (same JSON log lines, so tests/test_crash.py's checks apply), but
 every step is about the name layer: files created under 255-byte and short names, renamed
 long -> short, short -> long and long -> long (also over existing files), unlinked, and
-fsynced. It stops at the first error (the filesystem died under it).
+fsynced. It stops at the first OSError as crash_workload.py does: the error as JSON on
+stderr, with when it came, and exit code 3.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import json
 import os
 import random
 import sys
+import time
+
+from crash_workload import STOPPED_BY_ERROR
 
 
 def main(mnt: str, log_path: str, seed: int) -> int:
@@ -69,8 +73,11 @@ def main(mnt: str, log_path: str, seed: int) -> int:
                 with open(f"{mnt}/{name}", "rb+") as f:
                     os.fsync(f.fileno())
                 record("fsync", name)
-    except OSError:
-        return 0  # the filesystem went away under us: expected
+    except OSError as e:
+        # The filesystem went away under us: the test judges the errno and the moment.
+        print(json.dumps({"stopped": e.errno, "error": str(e), "at": time.monotonic()}),
+              file=sys.stderr, flush=True)
+        return STOPPED_BY_ERROR
 
 
 if __name__ == "__main__":

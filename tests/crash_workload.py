@@ -3,10 +3,15 @@
 Usage: python crash_workload.py MOUNTPOINT LOGFILE SEED
 
 It creates, appends, overwrites, truncates, renames over existing files, unlinks and
-fsyncs, and records every completed step as a JSON line in LOGFILE (outside the mount),
-flushed before the next step starts, so that whoever kills the filesystem can tell what
-each file may contain: the content after its last completed fsync, or any state after it.
-It stops at the first error (the filesystem died under it).
+fsyncs. It records each step as a JSON line in LOGFILE (outside the mount) before it starts
+("begin") and again once it completed, flushed each time, so that whoever kills the
+filesystem can wait until some steps were done and tell what each file may contain: the
+content after its last completed fsync, or any state after it.
+
+It stops at the first OSError (the filesystem, or its KMS, died under it): it prints
+``{"stopped": ERRNO, "error": TEXT, "at": MONOTONIC}`` as the last line of stderr and exits
+with 3, so that the test can tell an error of its kill from any other. Any other exception
+is a traceback and exit code 1.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import json
 import os
 import random
 import sys
+import time
+
+
+STOPPED_BY_ERROR = 3
 
 
 def main(mnt: str, log_path: str, seed: int) -> int:
@@ -95,8 +104,13 @@ def main(mnt: str, log_path: str, seed: int) -> int:
                 with open(f"{mnt}/{name}", "rb+") as f:
                     os.fsync(f.fileno())
                 record("fsync", name)
-    except OSError:
-        return 0  # the filesystem went away under us: expected
+    except OSError as e:
+        # The filesystem (or its KMS) went away under us: the test judges the errno.
+        # When (CLOCK_MONOTONIC is one clock for all processes): the test checks that the
+        # error came after its kill.
+        print(json.dumps({"stopped": e.errno, "error": str(e), "at": time.monotonic()}),
+              file=sys.stderr, flush=True)
+        return STOPPED_BY_ERROR
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import mmap
 import os
 import random
 import shutil
+import tempfile
 import stat
 from collections import deque
 
@@ -236,9 +237,10 @@ class Fsx:
                                      + "\n  ".join(self.history)) from None
 
 
-def run_fsx(kms, ops: int, seed: int, extra: list[str], drop_cache_every: int) -> None:
+def run_fsx(kms, ref_base: str, ops: int, seed: int, extra: list[str],
+            drop_cache_every: int) -> None:
     workdir = short_tempdir("encfs-fsx-")
-    ref_root = os.path.join(workdir, "ref")
+    ref_root = tempfile.mkdtemp(prefix="fsx-ref-", dir=ref_base)  # on real ext4
     os.makedirs(os.path.join(ref_root, "sub"))
     m = make_mount(kms, workdir, extra_args=extra)
     ref, mnt = Side(ref_root), Side(m.mountpoint)
@@ -257,12 +259,13 @@ def run_fsx(kms, ops: int, seed: int, extra: list[str], drop_cache_every: int) -
         mnt.close_all()
         m.unmount()
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(ref_root, ignore_errors=True)
 
 
-def test_fsx_against_ext4(kms):
-    run_fsx(kms, OPS, SEED, [], drop_cache_every=10)
+def test_fsx_against_ext4(kms, ext4_root):
+    run_fsx(kms, ext4_root, OPS, SEED, [], drop_cache_every=10)
 
 
-def test_fsx_against_ext4_shared_backing(kms):
+def test_fsx_against_ext4_shared_backing(kms, ext4_root):
     """No writeback cache and no page cache kept: every request reaches encfs as made."""
-    run_fsx(kms, max(OPS // 4, 1), SEED + 1, ["--shared-backing"], drop_cache_every=0)
+    run_fsx(kms, ext4_root, max(OPS // 4, 1), SEED + 1, ["--shared-backing"], drop_cache_every=0)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from encfs import format as fmt
+from encfs.keys import check_period
 from encfs.pytest_plugin import short_tempdir, make_mount, start_kms_server
 
 
@@ -44,6 +45,10 @@ def test_kms_audit_shows_the_unwrap_of_an_opened_file(encrypted_mount):
 
 
 GRACE = 1.0  # --key-cache-ttl for these tests
+#: How long a change of a key's state may take to show: the cached DEKs expire after GRACE
+#: and the mount rechecks every check_period(GRACE); a factor of 10 for a loaded machine
+#: (time is the subject here, but the load must not be).
+WITHIN = 10 * (GRACE + check_period(GRACE))
 
 
 @pytest.fixture
@@ -107,8 +112,8 @@ def test_disable_then_enable_key_without_remount(revocable):
         f.write(b"s" * 10000)
     held = open(path, "rb")
     c.call("disable-key", {"key_id": m.key_id})
-    took = wait_errno(lambda: fresh_read(path), errno.EKEYREVOKED, GRACE + 2)
-    assert took <= GRACE + 2
+    took = wait_errno(lambda: fresh_read(path), errno.EKEYREVOKED, WITHIN)
+    assert took <= WITHIN
     with pytest.raises(OSError) as e:
         held.seek(0)
         held.read()  # an open handle stops too, also for pages the kernel had cached
@@ -118,7 +123,7 @@ def test_disable_then_enable_key_without_remount(revocable):
     assert e.value.errno == errno.EKEYREVOKED
     assert f"key {m.key_id} can no longer be used" in m.log()
     c.call("enable-key", {"key_id": m.key_id})
-    wait_content(path, b"s" * 10000, GRACE + 2)
+    wait_content(path, b"s" * 10000, WITHIN)
     held.seek(0)
     assert held.read() == b"s" * 10000
     held.close()
@@ -131,13 +136,13 @@ def test_schedule_then_cancel_deletion(revocable):
     path = f"{m.mountpoint}/doc"
     open(path, "wb").write(b"d" * 100)
     c.call("schedule-key-deletion", {"key_id": m.key_id, "pending_days": "7"})
-    wait_errno(lambda: fresh_read(path), errno.EKEYREVOKED, GRACE + 2)
+    wait_errno(lambda: fresh_read(path), errno.EKEYREVOKED, WITHIN)
     c.call("cancel-key-deletion", {"key_id": m.key_id})  # back to disabled, as Huawei does
     time.sleep(GRACE)
     with pytest.raises(OSError):
         fresh_read(path)
     c.call("enable-key", {"key_id": m.key_id})
-    wait_content(path, b"d" * 100, GRACE + 2)
+    wait_content(path, b"d" * 100, WITHIN)
 
 
 @pytest.mark.fuse
@@ -149,7 +154,7 @@ def test_destroyed_key_makes_data_permanently_unreadable(revocable):
     c.call("schedule-key-deletion", {"key_id": m.key_id, "pending_days": "7"})
     with open(m.clock, "w") as f:
         f.write(str(time.time() + 8 * 86400))  # the pending period is over: material destroyed
-    wait_errno(lambda: fresh_read(path), errno.ENOKEY, GRACE + 2)
+    wait_errno(lambda: fresh_read(path), errno.ENOKEY, WITHIN)
     with pytest.raises(Exception) as e:
         c.call("cancel-key-deletion", {"key_id": m.key_id})
     assert "KMS.0207" in str(e.value)
@@ -158,7 +163,8 @@ def test_destroyed_key_makes_data_permanently_unreadable(revocable):
                           "--kms-socket", m.kms.socket_path], capture_output=True, text=True)
     assert res.returncode == 4
     [problem] = json.loads(res.stdout)["problems"]
-    assert problem["kind"] == "key-unusable" and "destroyed" in problem["detail"]
+    # The error code, not the KMS's wording (which changed: "destroyed" -> "deleted at").
+    assert problem["kind"] == "key-unusable" and "KMS.0207" in problem["detail"], problem
 
 
 def test_directory_carries_its_own_key(encrypted_mount):

@@ -108,13 +108,27 @@ def test_no_plaintext_anywhere_in_backing(encrypted_mount):
     for i in range(5):
         with open(f"{m.mountpoint}/d/e/f{i}", "wb") as f:
             f.write(MARKER * (1000 * i + 1))
+    with open(f"{m.mountpoint}/d/e/f4", "r+b") as f:  # an overwrite: undo records
+        f.seek(100)
+        f.write(MARKER * 50)
+        os.fsync(f.fileno())
     sh("sync")
     for rel in backing_files(m):
         assert MARKER not in open(os.path.join(m.backing, rel), "rb").read(), rel
-    for name in os.listdir(os.path.join(m.backing, ".encfs")):
-        p = os.path.join(m.backing, ".encfs", name)
-        if os.path.isfile(p):
-            assert MARKER not in open(p, "rb").read()
+    # The control dir too, all of it, while mounted and after: the journal (undo records,
+    # intents), the temp dir (spare sidecars), the log, the config.
+    for when in ("mounted", "unmounted"):
+        scanned = []
+        for dirpath, _, names in os.walk(os.path.join(m.backing, ".encfs")):
+            for name in names:
+                p = os.path.join(dirpath, name)
+                if os.path.isfile(p) and not os.path.islink(p):
+                    assert MARKER not in open(p, "rb").read(), (when, p)
+                    scanned.append(os.path.relpath(p, m.backing))
+        assert any(p.startswith(".encfs/journal/") for p in scanned), (when, scanned)
+        if when == "mounted":
+            assert any(p.startswith(".encfs/tmp/") for p in scanned), scanned
+            m.unmount()
 
 
 def test_one_sidecar_per_file_hidden_from_mount(encrypted_mount):

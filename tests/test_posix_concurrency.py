@@ -15,10 +15,10 @@ import textwrap
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import mount_with_own_kms
+from encfs.pytest_plugin import mount_with_own_kms, python_for_other_uids
 
 pytestmark = pytest.mark.fuse
-PY = "/usr/bin/python3"  # the system interpreter: other uids cannot reach our venv's
+PY = python_for_other_uids()  # other uids may not reach our venv's interpreter
 UIDS = (65534, 4242)
 
 

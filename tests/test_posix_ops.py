@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import shutil
+import tempfile
 import socket
 import stat
 import subprocess
@@ -22,7 +23,7 @@ from typing import Callable
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import short_tempdir, mount_with_own_kms
+from encfs.pytest_plugin import mount_with_own_kms, python_for_other_uids, short_tempdir
 
 pytestmark = pytest.mark.fuse
 
@@ -39,10 +40,10 @@ def mnt():
 
 
 @pytest.fixture
-def both(mnt, request):
+def both(mnt, ext4_root, request):
     """(plain ext4 dir, mount dir): fresh, empty, world-writable, named after the test."""
     name = request.node.name.replace("[", "_").replace("]", "_")
-    ref = short_tempdir("ref-")
+    ref = tempfile.mkdtemp(prefix="ref-", dir=ext4_root)  # on real ext4
     os.chmod(ref, 0o777)
     mdir = os.path.join(mnt.mountpoint, name)
     os.mkdir(mdir)
@@ -84,8 +85,8 @@ def as_user(code: str, uid: int = NOBODY, gid: int = NOBODY, cwd: str | None = N
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
-    # The system interpreter: ours may live where other uids cannot reach.
-    res = subprocess.run(["/usr/bin/python3", "-c", code], preexec_fn=drop, cwd=cwd,
+    # Ours may live where other uids cannot reach.
+    res = subprocess.run([python_for_other_uids(), "-c", code], preexec_fn=drop, cwd=cwd,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()

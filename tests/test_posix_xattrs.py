@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 import struct
 import subprocess
 from typing import Callable
@@ -18,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encfs import format as fmt
-from encfs.pytest_plugin import short_tempdir, mount_with_own_kms
+from encfs.pytest_plugin import mount_with_own_kms, python_for_other_uids
 
 pytestmark = pytest.mark.fuse
 SUFFIX = fmt.SIDECAR_SUFFIX
@@ -31,8 +32,8 @@ def mnt():
 
 
 @pytest.fixture
-def both(mnt, request):
-    ref = short_tempdir("ref-")
+def both(mnt, ext4_root, request):
+    ref = tempfile.mkdtemp(prefix="ref-", dir=ext4_root)  # on real ext4
     os.chmod(ref, 0o777)
     mdir = os.path.join(mnt.mountpoint, request.node.name)
     os.mkdir(mdir)
@@ -206,7 +207,7 @@ def test_trusted_and_security_pass_through(both, mnt):
             out.append(sorted(os.listxattr(p)))
         # Only root may use trusted.* (the kernel decides, before asking us).
         out.append(subprocess.run(
-            ["/usr/bin/python3", "-c", f"import os; os.setxattr({r!r} + '/f', 'trusted.x', b'1')"],
+            [python_for_other_uids(), "-c", f"import os; os.setxattr({r!r} + '/f', 'trusted.x', b'1')"],
             preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)),
             capture_output=True).returncode)
         return out

@@ -103,7 +103,7 @@ def test_ciphertext_truncated_mid_block(two_files):
 
 
 def test_edited_sidecar(two_files):
-    m, _ = two_files
+    m, data = two_files
     side = m.backing_path("one") + S
     raw = bytearray(open(side, "rb").read())
     slot = fmt.SIDECAR_HEAD.size
@@ -114,7 +114,7 @@ def test_edited_sidecar(two_files):
     m.mount()
     assert_eio(m, "one", 0)
     assert_logged(m, "one", "data key")
-    assert read_block(m, "two", 0)  # other files unaffected
+    assert read_block(m, "two", 0) == data["two"][:BS]  # other files unaffected
 
 
 def test_damaged_sidecar_checksum(two_files):

@@ -8,10 +8,10 @@ decoder (xattrs.XattrCipher.decrypt), journal intents (journal.parse_intent), co
 Only documented outcomes are allowed: FormatError, BlockAuthError, XattrAuthError,
 JournalError; anything else is a crash that atheris reports with its input.
 
+    make fuzz FUZZ_SECONDS=600      # installs atheris into the venv, corpus in .fuzz-corpus
     .venv/bin/python tests/fuzz/fuzz_encfs_parsers.py -atheris_runs=500000
-    .venv/bin/python tests/fuzz/fuzz_encfs_parsers.py -max_total_time=600 /tmp/encfs-corpus
 
-Run from the repository root (atheris is installed in the venv; not a project dependency).
+Run from the repository root (`make fuzz` installs atheris; it is not a project dependency).
 The bounded property tests over the same parsers are tests/test_fuzz_encfs.py.
 """
 

@@ -51,7 +51,14 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(kms_server):
         threads = [threading.Thread(target=stream, args=(round_ * 10 + w,)) for w in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.4 + random.random() * 0.3)
+        # Kill once this round has done some work (not after a fixed time, which on a
+        # loaded machine could be before the first request).
+        want = len(deks) + random.randint(10, 40)
+        deadline = time.monotonic() + 60
+        while len(deks) < want:
+            assert not errors, errors
+            assert time.monotonic() < deadline, f"only {len(deks)} data keys in 60 s"
+            time.sleep(0.005)
         kms_server.kill()                       # SIGKILL while requests are in flight
         stop.set()
         for t in threads:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import threading
@@ -25,8 +26,26 @@ LIMITS = ["--header-timeout", "1", "--body-timeout", "1", "--idle-timeout", "2",
 WAIT = 30.0     # generous upper bound for "eventually" on a loaded machine
 
 
+#: file descriptors the flood tests need: 2,000 client sockets here, plus the daemon's own
+FDS_NEEDED = 2000 + 1000
+
+
 @pytest.fixture(scope="module")
-def hostile_kms():
+def enough_fds():
+    """Raise our soft RLIMIT_NOFILE (inherited by the daemons started after) for the flood
+    tests: many machines default to 1,024. Restored at the end."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FDS_NEEDED if hard == resource.RLIM_INFINITY else min(FDS_NEEDED, hard)
+    assert want >= FDS_NEEDED, f"hard RLIMIT_NOFILE {hard} < {FDS_NEEDED}: raise it (ulimit -Hn)"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def hostile_kms(enough_fds):
     workdir = short_tempdir("kms-hostile-")
     os.chmod(workdir, 0o711)            # another uid may reach the socket (test_other_uid_...)
     server = start_kms_server(workdir, extra_args=LIMITS + ["--socket-mode", "666"])
@@ -135,8 +154,10 @@ def test_random_binary_flood_is_refused(hostile_kms):
         except (BrokenPipeError, ConnectionResetError):
             pass                                    # refused before we finished sending
         data = read_all(s)
-    if data:
-        assert error_of(parse_replies(data)[0])[1] in ("KMS.0201", "KMS.0203")
+    # The daemon replies before it closes; on a Unix socket what it wrote stays readable
+    # after the close (the reset comes after it), also when our send was cut off.
+    assert data, "closed without a reply"
+    assert error_of(parse_replies(data)[0])[1] in ("KMS.0201", "KMS.0203")
     still_serves(hostile_kms)
 
 
@@ -262,8 +283,9 @@ def test_slowloris_headers_do_not_block_others_and_are_cut(hostile_kms):
         stop.set()
         t.join()
         s.close()
-    if data:                                        # the reply may be lost to a reset while we write
-        assert error_of(parse_replies(data)[0]) == (408, "KMS.0201")
+    # Written before the close, the reply stays readable although our writes get a reset.
+    assert data, "cut without a reply"
+    assert error_of(parse_replies(data)[0]) == (408, "KMS.0201")
 
 
 def test_slow_body_is_cut(hostile_kms):
@@ -356,7 +378,7 @@ def test_per_uid_connection_cap_thousands_of_connections(hostile_kms):
     assert "refusing more with 503" in hostile_kms.log()
 
 
-def test_global_connection_limit():
+def test_global_connection_limit(enough_fds):
     workdir = short_tempdir("kms-conns-")
     server = start_kms_server(workdir, extra_args=["--max-connections", "50", "--max-connections-per-uid", "1000"])
     try:
@@ -420,6 +442,36 @@ def test_rate_limit_429():
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
         assert "exceeds the rate limit" in server.log()
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_rate_limit_is_per_uid():
+    """Each uid has a bucket of its own: one uid over the limit slows nobody else. A bucket
+    of one request refilled every 100 s, so no refill can happen during the test; the
+    daemon's readiness check spent uid 0's."""
+    workdir = short_tempdir("kms-rate-uid-")
+    os.chmod(workdir, 0o711)
+    server = start_kms_server(workdir, extra_args=["--rate-limit", "0.01/s", "--socket-mode", "666"])
+
+    def list_keys():
+        with KmsClient(server.socket_path, project_id=server.project_id) as c:
+            return c.call("list-keys", {"limit": "1"})["truncated"]
+
+    limited = ("kms", (429, "APIGW.0308"))
+    try:
+        with pytest.raises(KmsError) as e:
+            list_keys()
+        assert (e.value.status, e.value.error_code) == limited[1]           # uid 0: spent
+        kind, value = run_as_uid(65534, list_keys)
+        assert (kind, value) == ("ok", "false")                             # uid 65534: its own
+        kind, value = run_as_uid(65534, list_keys)
+        assert (kind, value[:2]) == limited, (kind, value)                  # ... now spent too
+        kind, value = run_as_uid(4242, list_keys)
+        assert (kind, value) == ("ok", "false")                             # a third uid: its own
+        assert "uid=65534 exceeds the rate limit" in server.log(), server.log()[-2000:]
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

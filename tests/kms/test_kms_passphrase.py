@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from encfs.pytest_plugin import short_tempdir, start_kms_server
+from encfs.pytest_plugin import daemon_env, short_tempdir, start_kms_server
 from kms.store import ROOT_KEY_FILE, SCRYPT_FILE, Store, StoreError
 
 SMALL_N = 2**10         # fast for the in-process tests; the daemon uses the default (2**17)
@@ -93,7 +93,7 @@ def test_daemon_with_passphrase_file_and_env():
         assert not os.path.exists(os.path.join(server.data_dir, ROOT_KEY_FILE))
         assert "daemon passphrase" not in server.log()
         # the same passphrase from the environment (the trailing newline of the file is not part of it)
-        env = {**os.environ, "KMS_PASSPHRASE": "daemon passphrase"}
+        env = daemon_env(KMS_PASSPHRASE="daemon passphrase")
         server.env, server.extra_args = env, []
         server.start()
         try:
@@ -108,13 +108,13 @@ def test_daemon_with_passphrase_file_and_env():
                                   timeout=60, env=env)
         p = serve()                                                      # refuses to mix
         assert p.returncode == 1 and "derived from a passphrase" in p.stderr
-        p = serve(env={**os.environ, "KMS_PASSPHRASE": "nope"})
+        p = serve(env=daemon_env(KMS_PASSPHRASE="nope"))
         assert p.returncode == 1 and "wrong passphrase" in p.stderr and "nope" not in p.stderr
         os.chmod(pw, 0o640)
         p = serve("--passphrase-file", pw)
         assert p.returncode == 2 and "chmod 600" in p.stderr
         os.chmod(pw, 0o600)
-        p = serve("--passphrase-file", pw, env={**os.environ, "KMS_PASSPHRASE": "x"})
+        p = serve("--passphrase-file", pw, env=daemon_env(KMS_PASSPHRASE="x"))
         assert p.returncode == 2 and "not both" in p.stderr
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

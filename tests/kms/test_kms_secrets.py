@@ -166,8 +166,10 @@ def test_key_files_are_0600_before_anything_is_written(tmp_path, monkeypatch):
     seen = []
 
     def checking_connect(path, *a, **kw):
-        st = os.stat(path)
-        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 0 or stat.S_IMODE(st.st_mode) == 0o600
+        st = os.stat(path)  # it exists before SQLite opens it...
+        assert stat.S_IMODE(st.st_mode) == 0o600, (path, oct(st.st_mode))
+        if os.path.basename(path) not in seen:  # ... and, at its first open, nothing is in it yet
+            assert st.st_size == 0, (path, st.st_size)
         seen.append(os.path.basename(path))
         return real_connect(path, *a, **kw)
 
