@@ -23,15 +23,10 @@ from . import backing as bk
 from . import control, dispatch, kmsconn, tuning
 from .executor import ContentExecutor
 from .fs import EncFS
-<<<<<<< HEAD
 from .journal import Journal
 from .journal_replay import recover
-from .keys import DEFAULT_TTL, KeyManager
-from .tuning import READAHEAD_KB  # noqa: F401  (tests read it here)
-=======
 from .keys import DEFAULT_TTL, POOL_SIZE, KeyManager
-from .mounts import device_of_mountpoint
->>>>>>> tests
+from .tuning import READAHEAD_KB  # noqa: F401  (tests read it here)
 
 log = logging.getLogger("encfs")
 
@@ -138,7 +133,8 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
     os.umask(0)  # modes come from the caller's request, already masked by the kernel
     # Built whole before the mount exists; the KMS client connects at its first request,
     # so after serve_as its requests carry the serving user's uid.
-    keys = KeyManager(kms.async_client(), key_id, ttl=args.key_cache_ttl)
+    keys = KeyManager(kms.async_client(), key_id, ttl=args.key_cache_ttl,
+                      pool_size=max(0, args.dek_pool))
     content = ContentExecutor(Journal(bk.control_path(backing)))
     ops = EncFS(backing, config, keys, mountpoint=mountpoint,
                 shared_backing=args.shared_backing, content=content)
@@ -162,18 +158,8 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
             if kmsconn.check_key(kms, args.key) != key_id:  # the user may use it too
                 raise UserError(f"key {args.key} names another key for {args.user}")
         log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
-<<<<<<< HEAD
         tuning.quiet_cycle_collector()
         trio.run(_serve, ops, keys, kms)
-=======
-        # Every request allocates a few dozen objects and almost never a cycle: the default
-        # threshold (700) made the cycle collector a few % of the daemon's CPU, walking
-        # the module objects each time. Those are frozen out of its sight; the threshold
-        # still bounds the memory any cycles can hold.
-        gc.freeze()
-        gc.set_threshold(20000, 50, 50)
-        trio.run(_serve, ops, kms, key_id, args.key_cache_ttl, max(0, args.dek_pool))
->>>>>>> tests
         clean = True
     finally:
         ops.close_all()
@@ -186,60 +172,7 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
     return 0
 
 
-<<<<<<< HEAD
 async def _serve(ops: EncFS, keys: KeyManager, target: kmsconn.KmsTarget) -> None:
-=======
-#: The kernel's readahead window on the mount. Sequential reads then arrive as 1 MiB READ
-#: requests (the FUSE maximum here) instead of 128 KiB ones, a quarter of the requests per
-#: byte: +20 % read throughput, less daemon CPU (docs/PERFORMANCE.md). 2 and 4 MiB were
-#: slower.
-READAHEAD_KB = 1024
-
-
-async def _raise_readahead(mountpoint: str) -> None:
-    """Set the mount's readahead (needs root; otherwise the kernel's default stays).
-
-    Only after the kernel has processed our reply to FUSE's INIT, which resets it: a stat
-    of the mount (served by this daemon) returns only after that."""
-    try:
-        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        dev = device_of_mountpoint(mountpoint)
-        if dev is None:
-            return
-        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
-            f.write(str(READAHEAD_KB))
-    except OSError as e:
-        log.debug("readahead of %s left at the kernel default: %s", mountpoint, e.strerror)
-
-
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc keep and reuse the daemon's freed request buffers.
-
-    Every write request allocates about 3 MiB (the request, the ciphertext, the joined
-    blocks) and frees it again. By default glibc serves such sizes from fresh mappings, or
-    trims the heap top after the free, so each request paid for 700+ page faults, page
-    zeroing and munmap: a fifth of the daemon's CPU in sequential writes (perf). With these
-    settings freed buffers stay in the heap, at the price of keeping up to 64 MiB of it.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        for param, value in ((_M_MMAP_THRESHOLD, 16 << 20), (_M_TRIM_THRESHOLD, 64 << 20),
-                             (_M_TOP_PAD, 16 << 20)):
-            libc.mallopt(param, value)
-    except (OSError, AttributeError):  # not glibc: its defaults stay
-        pass
-
-
-async def _serve(ops: EncFS, target: kmsconn.KmsTarget, key_id: str, ttl: float,
-                 pool_size: int = POOL_SIZE) -> None:
-    kms = target.async_client()
-    ops.keys = KeyManager(kms, key_id, ttl=ttl, pool_size=pool_size)
-    ops.keys.open_key_ids = ops.open_key_ids
-    ops.keys.on_revoke = ops.drop_cached_pages
->>>>>>> tests
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
