@@ -20,7 +20,7 @@ import zlib
 
 import pytest
 
-from encfs.journal import UNDO_BODY, UNDO_MAGIC
+from encfs.journal_codec import UNDO_BODY, UNDO_MAGIC
 from encfs.pytest_plugin import temporary_mount
 
 pytestmark = pytest.mark.fuse
