@@ -31,6 +31,7 @@ import trio
 
 from . import auth
 from .api import INLINE_OPERATIONS, MAX_BODY, Caller, Kms, KmsApiError, Result, caller_for_access_key, caller_for_uid
+from .reqlog import RequestLog
 from .store import Store
 from .strict import StrictHuawei
 
@@ -215,6 +216,7 @@ class Server:
         self._refusing = 0
         self._max_connections = config.max_connections
         self._warned_full = -1e9
+        self._reqlog = RequestLog(log)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -267,6 +269,7 @@ class Server:
                     await lst.aclose()
             self._remove_socket()
             self.store.flush_audit()
+            self._reqlog.close()
             log.info("stopped")
 
     async def _signals(self, scope: trio.CancelScope) -> None:
@@ -319,6 +322,7 @@ class Server:
             await trio.sleep(AUDIT_FLUSH_INTERVAL)
             if self.store.audit_pending():
                 self.store.flush_audit()
+            self._reqlog.flush()
 
     async def _sweeper(self) -> None:
         while True:
@@ -552,10 +556,12 @@ class Server:
             return ""
         for rec in self.kms.audit_records(caller or Caller("", frozenset(), False, label), op, result):
             self.store.audit(rec)
-        keys = ",".join(sorted({k for k, _ in result.touched if k})) or "-"
-        log.info("%s %s %s key=%s%s -> %d%s %.1fms", label, method, _printable(op or target), keys,
-                 f" aad={_printable(result.aad)}" if result.aad else "", result.status,
-                 f" {result.error_code}" if result.error_code else "", (time.perf_counter() - start) * 1000)
+        if self._reqlog.enabled:
+            keys = ",".join(sorted({k for k, _ in result.touched if k})) or "-"
+            aad = f" aad={_printable(result.aad)}" if result.aad else ""
+            code = f" {result.error_code}" if result.error_code else ""
+            self._reqlog.line(f"{label} {method} {_printable(op or target)} key={keys}{aad} -> {result.status}"
+                              f"{code} {(time.perf_counter() - start) * 1000:.1f}ms")
         return ""
 
     async def _dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes,
