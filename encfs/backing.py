@@ -74,6 +74,18 @@ class BackingConfig:
 
     block_size: int = fmt.DEFAULT_BLOCK_SIZE
     format_version: int = fmt.FORMAT_VERSION
+    #: names, symlink targets and user.* xattr names encrypted (docs/FORMAT.md, "Encrypted
+    #: names"); chosen when the backing dir is first used, never switched afterwards
+    encrypt_names: bool = False
+
+
+def config_json(config: BackingConfig) -> bytes:
+    """config.json for ``config`` (encrypt_names only when set: older dirs stay as they
+    were, byte for byte)."""
+    raw: dict = {"format_version": config.format_version, "block_size": config.block_size}
+    if config.encrypt_names:
+        raw["encrypt_names"] = True
+    return json.dumps(raw, indent=1).encode() + b"\n"
 
 
 def control_path(backing: bytes, *parts: str) -> bytes:
@@ -120,9 +132,7 @@ def open_backing(backing: str | bytes) -> tuple[bytes, BackingConfig]:
         config = read_config(cfg_path)
     except FileNotFoundError:
         config = BackingConfig()
-        write_file_atomic(root, cfg_path, json.dumps(
-            {"format_version": config.format_version, "block_size": config.block_size},
-            indent=1).encode() + b"\n")
+        write_file_atomic(root, cfg_path, config_json(config))
     except OSError as e:
         raise BackingError(f"cannot read {printable(cfg_path)}: {e.strerror}") from None
     except fmt.FormatError as e:
@@ -157,8 +167,11 @@ def read_config(cfg_path: bytes) -> BackingConfig:
     if not 0 < values["block_size"] <= 1 << fmt.MAX_BLOCK_SHIFT:
         raise fmt.FormatError(f"unsupported block size {values['block_size']}")
     fmt.check_block_size(values["block_size"])
+    encrypt_names = raw.get("encrypt_names", False)
+    if type(encrypt_names) is not bool:
+        raise fmt.FormatError("encrypt_names is not true or false")
     return BackingConfig(block_size=values["block_size"],
-                         format_version=values["format_version"])
+                         format_version=values["format_version"], encrypt_names=encrypt_names)
 
 
 def tmp_path(backing: bytes) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from . import fsck, mount, mounthelper, recovery, rekey, rewrap, status, systemd
+from . import fsck, ls, mount, mounthelper, recovery, rekey, rewrap, status, systemd
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "mount": (mount.main, "mount BACKING on MOUNTPOINT"),
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "rekey": (rekey.main, "give files in a mount a new DEK (re-encrypts their content)"),
     "inspect": (recovery.inspect_main, "show a file's CMK, key version, file id (never the DEK)"),
     "decrypt": (recovery.decrypt_main, "write a backing file's plaintext to stdout (recovery)"),
+    "ls": (ls.main, "list a backing dir with plaintext names, using only the KMS (recovery)"),
 }
 
 

@@ -24,12 +24,14 @@ from kms.client import KmsError
 
 from . import backing as bk
 from . import format as fmt
+from . import namekey
 from . import names as nm
 from . import xattrs as xa
 from .cipher import BlockAuthError, BlockCipher
 from .executor import ContentExecutor, RWLock
 from .inodes import InodeTable
 from .longpath import LongPaths
+from .namecrypt import ROOT_DIR_ID, NameCipher, NameDecryptError, target_fits, xattr_name_fits
 from .journal import Journal
 from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
@@ -51,7 +53,7 @@ class Node:
 
     __slots__ = ("ino", "generation", "kind", "dead", "links", "lookups", "opens", "fd",
                  "cipher", "xattr", "record", "key_lock", "block_size", "dir_dirty", "no_caps",
-                 "content_lock")
+                 "content_lock", "dir_id")
 
     def __init__(self, ino: int):
         self.ino = ino
@@ -72,6 +74,7 @@ class Node:
         self.dir_dirty = False  # a directory entry of this file is not yet fsynced
         self.no_caps = False  # the backing file has no security.capability xattr
         self.content_lock = RWLock()  # reads share it; writes and truncates hold it alone
+        self.dir_id: bytes | None = None  # encrypted names: a directory's id, once read
 
 
 def _open_backing(path: bytes, flags: int, mode: int = 0o600) -> int:
@@ -164,6 +167,20 @@ class EncFS(pyfuse3.Operations):
         self.dir_handles: dict[int, tuple[int, list[bytes]]] = {}
         self._next_dh = 1
         self.stats = RequestStats()  # per-request counts and latencies (encfs status)
+        #: encrypted names (config.encrypt_names): the name cipher, set by `load_names`
+        #: before the first request, and the CMK of the name key (revocation hides names)
+        self.names: NameCipher | None = None
+        self.name_key_id: str | None = None
+
+    async def load_names(self) -> None:
+        """Unwrap the backing dir's name key (encrypted names) through the key manager, so
+        that its CMK is rechecked like any file's."""
+        rec = namekey.read_record(self.backing)
+        if rec is None:
+            raise bk.BackingError("the name key is missing")
+        dek = await self.keys.unwrap(rec, "the name key")
+        self.names = NameCipher(dek)
+        self.name_key_id = rec.key_id
 
     # The daemon's own ids, asked each time: `encfs mount --user` drops from root to the
     # user after the mount is made, and nothing has to tell the filesystem.
@@ -191,18 +208,61 @@ class EncFS(pyfuse3.Operations):
                 ino, name = next(iter(node.links))
             else:
                 ino, name = self._live_link(node)
-            parts.append(name)
+            parts.append((ino, name))
         path = self.backing
-        for name in reversed(parts):
-            path = nm.data_path(path, name)  # the name layer: long names are hashed
+        if self.names is None:
+            for _, name in reversed(parts):
+                path = nm.data_path(path, name)  # the name layer: long names are hashed
+        else:
+            for parent, name in reversed(parts):
+                path = nm.data_path(path, name, self._dir_names(parent, path))
         return self.long_paths.short(path)
+
+    def _dir_names(self, ino: int, path: bytes) -> nm.DirNames | None:
+        """How the names in directory ``ino`` (backing ``path``) are stored: None when names
+        are not encrypted; else its id, read once from its backing ``user.encfs.dirid``
+        (made now if missing: a directory made outside the mount, or a crash right after
+        mkdir). Fails with the name key's errno once its CMK is revoked."""
+        if self.names is None:
+            return None
+        err = self.keys.revoked.get(self.name_key_id)
+        if err is not None:
+            raise pyfuse3.FUSEError(err)
+        if ino == ROOT:
+            return nm.DirNames(self.names, ROOT_DIR_ID)
+        node = self.nodes.get(ino)
+        if node is not None and node.dir_id is not None:
+            return nm.DirNames(self.names, node.dir_id)
+        short = self.long_paths.short(path)
+        dir_id = nm.read_dir_id(short)
+        if dir_id is None:
+            try:
+                os.setxattr(short, nm.DIR_ID_XATTR, os.urandom(len(ROOT_DIR_ID)),
+                            os.XATTR_CREATE, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                log.error("%s: cannot give the directory an id for its names: %s",
+                          self._display(path), e.strerror)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            dir_id = nm.read_dir_id(short)
+            if dir_id is None:
+                log.error("%s: damaged directory id", self._display(path))
+                raise pyfuse3.FUSEError(errno.EIO)
+        if node is not None:
+            node.dir_id = dir_id
+        return nm.DirNames(self.names, dir_id)
+
+    def _map(self, parent: int, parent_path: bytes, name: bytes) -> bytes:
+        """The backing path of ``name`` in directory ``parent`` (backing ``parent_path``)."""
+        return nm.data_path(parent_path, name, self._dir_names(parent, parent_path))
 
     def _live_link(self, node: Node) -> tuple[int, bytes]:
         """One of several names of a node that still leads to it; drops names that no
         longer do (changed behind our back, with --shared-backing)."""
         for parent, name in sorted(node.links):
             try:
-                st = os.lstat(self.long_paths.short(nm.data_path(self._path(parent), name)))
+                st = os.lstat(self.long_paths.short(self._map(parent, self._path(parent), name)))
             except (OSError, pyfuse3.FUSEError):
                 st = None
             if st is not None and self._ino(st) == node.ino:
@@ -216,7 +276,7 @@ class EncFS(pyfuse3.Operations):
             nm.check_name(parent == ROOT, name, creating=False)
         except nm.NameError_ as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        return self.long_paths.short(nm.data_path(self._path(parent), name))
+        return self.long_paths.short(self._map(parent, self._path(parent), name))
 
     def _new_name(self, parent: int, name: bytes) -> bytes:
         """Backing path for a name being created; refuses the control dir's name and names
@@ -225,16 +285,20 @@ class EncFS(pyfuse3.Operations):
             nm.check_name(parent == ROOT, name, creating=True)
         except nm.NameError_ as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        return self.long_paths.short(nm.data_path(self._path(parent), name))
+        return self.long_paths.short(self._map(parent, self._path(parent), name))
 
-    def _long_name_first(self, path: bytes, name: bytes, ctx=None) -> bool:
-        """Before an entry is created or renamed to backing ``path``: make the long-name
-        file of ``name`` durable, if the name is long. True if one was written (for
-        `_long_name_undo` when the operation then fails)."""
+    def _long_name_first(self, path: bytes, parent: int, name: bytes, ctx=None) -> bool:
+        """Before an entry is created or renamed to backing ``path`` (``name`` in directory
+        ``parent``): make the long-name file of ``name`` durable, if the name is long. True
+        if one was written (for `_long_name_undo` when the operation then fails)."""
         long_name = nm.long_name_of(path)
-        if long_name is None or nm.read_long_name(path) == name:
-            return False  # a short name, or the file is there (its content is fixed)
-        bk.write_file_atomic(self.backing, long_name, name, mode=0o644)  # fsynced, renamed
+        if long_name is None:
+            return False  # a short name
+        enc = self._dir_names(parent, os.path.dirname(path))
+        if nm.read_long_name(path, enc) == name:
+            return False  # the file is there (its content is fixed)
+        stored = nm.backing_names(b"", name, enc).stored  # the encrypted name, if encrypted
+        bk.write_file_atomic(self.backing, long_name, stored, mode=0o644)  # fsynced, renamed
         if ctx is not None and self.as_root and (ctx.uid, ctx.gid) != (self.euid, self.egid):
             os.chown(long_name, ctx.uid, ctx.gid, follow_symlinks=False)
         return True
@@ -278,6 +342,8 @@ class EncFS(pyfuse3.Operations):
             node = self.nodes.get(ino)
             bs = (node.block_size if node and node.block_size else self.config.block_size)
             e.st_size = fmt.plain_size(st.st_size, bs)
+        elif self.names is not None and stat.S_ISLNK(st.st_mode):
+            e.st_size = self._link_size(ino, st.st_size)
         else:
             e.st_size = st.st_size
         e.st_blksize = 4096
@@ -286,6 +352,14 @@ class EncFS(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _link_size(self, ino: int, backing_size: int) -> int:
+        """A symlink's size is its target's length: the plaintext's, with encrypted names."""
+        try:
+            path = self._path(ino)
+            return len(self._plain_target(path, os.readlink(path)))
+        except (OSError, pyfuse3.FUSEError):
+            return backing_size
 
     def _stat(self, ino: int) -> os.stat_result:
         node = self.nodes.get(ino)
@@ -377,8 +451,11 @@ class EncFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(err)
 
     def open_key_ids(self) -> set[str]:
-        return {n.record.key_id for n in self.nodes.values()
-                if n.cipher is not None and n.record is not None}
+        ids = {n.record.key_id for n in self.nodes.values()
+               if n.cipher is not None and n.record is not None}
+        if self.name_key_id is not None:
+            ids.add(self.name_key_id)  # the name key is in use as long as the mount is
+        return ids
 
     async def drop_cached_pages(self, key_id: str) -> None:
         """After a CMK is revoked, the kernel must not serve its files from the page cache.
@@ -535,7 +612,7 @@ class EncFS(pyfuse3.Operations):
         self._new_name(parent_inode, name)  # refuse a bad name before asking the KMS
         record, dek = await self._new_key(parent_inode)
         path = self._new_name(parent_inode, name)  # again: the parent may have moved
-        written = self._long_name_first(path, name, ctx)
+        written = self._long_name_first(path, parent_inode, name, ctx)
         try:
             fd = _open_backing(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                | os.O_CLOEXEC, stat.S_IMODE(mode))
@@ -646,15 +723,25 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
         path = self._new_name(parent_inode, name)
-        written = self._long_name_first(path, name, ctx)
+        written = self._long_name_first(path, parent_inode, name, ctx)
         try:
             os.mkdir(path, stat.S_IMODE(mode))
         except BaseException:
             self._long_name_undo(path, written)
             raise
+        dir_id = None
+        if self.names is not None:
+            # Its id before any child: a crash right after mkdir leaves an empty directory
+            # without one, which `_dir_names` then gives one.
+            dir_id = os.urandom(len(ROOT_DIR_ID))
+            os.setxattr(path, nm.DIR_ID_XATTR, dir_id, os.XATTR_CREATE,
+                        follow_symlinks=False)
         self._chown_new(path, ctx, mode=mode)
         st = os.lstat(path)
-        return self._attr(st, self._remember(st, parent_inode, name).ino)
+        node = self._remember(st, parent_inode, name)
+        if dir_id is not None:
+            node.dir_id = dir_id
+        return self._attr(st, node.ino)
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
@@ -706,9 +793,9 @@ class EncFS(pyfuse3.Operations):
         # A long target name's file first, durable: a crash at any later point leaves
         # either the old entry (and a harmless unused long-name file) or the new one with
         # its name. With EXCHANGE both names stay, so each needs its long-name file.
-        written = self._long_name_first(new, name_new, ctx)
+        written = self._long_name_first(new, parent_inode_new, name_new, ctx)
         if flags & pyfuse3.RENAME_EXCHANGE:
-            self._long_name_first(old, name_old, ctx)
+            self._long_name_first(old, parent_inode_old, name_old, ctx)
         if old_reg or new_reg:
             sides = [bk.sidecar_path(p) for p in (old, new)]
             intent = self.journal.rename(old, new, flags,
@@ -776,7 +863,7 @@ class EncFS(pyfuse3.Operations):
         # Long-name file and sidecar first: a crash in between leaves invisible orphans,
         # never a data file without its key or name. The sidecar replaces any stale
         # orphan at the new name.
-        written = self._long_name_first(dst, new_name, ctx)
+        written = self._long_name_first(dst, new_parent_inode, new_name, ctx)
         side = bk.sidecar_path(src)
         try:
             if os.path.lexists(side):
@@ -795,7 +882,11 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
         path = self._new_name(parent_inode, name)
-        written = self._long_name_first(path, name, ctx)
+        if self.names is not None:
+            if not target_fits(target):
+                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            target = self.names.encrypt_target(target, os.urandom(16))
+        written = self._long_name_first(path, parent_inode, name, ctx)
         try:
             os.symlink(target, path)
         except BaseException:
@@ -807,12 +898,22 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx) -> bytes:
-        return os.readlink(self._path(inode))
+        path = self._path(inode)
+        target = os.readlink(path)
+        return target if self.names is None else self._plain_target(path, target)
+
+    def _plain_target(self, path: bytes, target: bytes) -> bytes:
+        try:
+            return self.names.decrypt_target(target)
+        except NameDecryptError as e:
+            log.error("%s: symlink target does not decrypt (%s): not ours or damaged",
+                      self._display(path), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     @_fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
         path = self._new_name(parent_inode, name)
-        written = self._long_name_first(path, name, ctx)
+        written = self._long_name_first(path, parent_inode, name, ctx)
         try:
             os.mknod(path, mode, rdev)
         except BaseException:
@@ -828,9 +929,10 @@ class EncFS(pyfuse3.Operations):
         path = self._path(inode)
         node = self.nodes.get(inode)
         # Names only: their attributes are taken when they are returned (readdir).
-        entries, unnamed = nm.list_dir(path, inode == ROOT)
+        entries, unnamed = nm.list_dir(path, inode == ROOT, enc=self._dir_names(inode, path))
         for b in unnamed:
-            log.warning("%s: long-name entry %s has no valid long-name file; not shown "
+            log.warning("%s: entry %s has no valid name (a long-name entry without its "
+                        "long-name file, or a name that does not decrypt); not shown "
                         "(encfs fsck reports it)", self._display(path), bk.printable(b))
         if node is not None and inode != ROOT:
             # Hold the directory open, like a file: fstat and fsyncdir keep working
@@ -1031,7 +1133,7 @@ class EncFS(pyfuse3.Operations):
         kind = self._check_xattr_name(name, setting=False)
         # Absent attributes are answered without touching the key.
         try:
-            blob = self._xattr_call(inode, os.getxattr, name)
+            blob = self._xattr_call(inode, os.getxattr, self._xattr_backing(name, kind))
         except OSError as e:
             if e.errno == errno.ENODATA and name == CAPABILITY_XATTR and node is not None:
                 node.no_caps = True
@@ -1052,13 +1154,34 @@ class EncFS(pyfuse3.Operations):
                       bk.printable(path) if path else "unlinked", bk.printable(name), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    def _xattr_backing(self, name: bytes, kind: xa.Kind) -> bytes:
+        """The backing name of an xattr: a user.* name encrypted with encrypted names."""
+        if self.names is None or kind is not xa.Kind.ENCRYPTED:
+            return name
+        self._dir_names(ROOT, self.backing)  # the name key's revocation check
+        if not xattr_name_fits(name):
+            raise pyfuse3.FUSEError(errno.ERANGE)  # as Linux answers a name too long
+        return self.names.encrypt_xattr(name)
+
     @_fuse_errors
     async def listxattr(self, inode: int, ctx) -> list[bytes]:
         names = [os.fsencode(n) for n in self._xattr_call(inode, os.listxattr)]
         mode = self._stat(inode).st_mode
         ours = stat.S_ISREG(mode) or stat.S_ISDIR(mode)  # objects with a DEK for values
-        return [n for n in names if xa.visible(n)
-                and (ours or xa.classify(n) is not xa.Kind.ENCRYPTED)]
+        names = [n for n in names if xa.visible(n)
+                 and (ours or xa.classify(n) is not xa.Kind.ENCRYPTED)]
+        if self.names is None:
+            return names
+        self._dir_names(ROOT, self.backing)  # the name key's revocation check
+        out = []
+        for n in names:
+            if xa.classify(n) is xa.Kind.ENCRYPTED:
+                try:
+                    n = self.names.decrypt_xattr(n)
+                except NameDecryptError:
+                    continue  # set outside the mount: not ours to show
+            out.append(n)
+        return out
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
@@ -1073,7 +1196,7 @@ class EncFS(pyfuse3.Operations):
                 # Only files and directories have a DEK to encrypt with (docs/FORMAT.md).
                 raise pyfuse3.FUSEError(errno.ENOTSUP)
             value = (await self._xattr_cipher(inode, create=True)).encrypt(name, value)
-        self._xattr_call(inode, os.setxattr, name, value)
+        self._xattr_call(inode, os.setxattr, self._xattr_backing(name, kind), value)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx) -> None:
@@ -1087,7 +1210,7 @@ class EncFS(pyfuse3.Operations):
         mode = self._stat(inode).st_mode
         if kind is xa.Kind.ENCRYPTED and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        self._xattr_call(inode, os.removexattr, name)
+        self._xattr_call(inode, os.removexattr, self._xattr_backing(name, kind))
 
     async def access(self, inode: int, mode: int, ctx) -> bool:
         # default_permissions makes the kernel check modes; reaching here means allowed.

@@ -24,6 +24,8 @@ from kms.client import KmsClient, KmsError, KmsUnavailable
 from . import backing as bk
 from . import format as fmt
 from . import names as nm
+from . import namekey
+from .namecrypt import NameCipher
 from .mounts import mount_of_backing
 from .spares import SPARE_PREFIX
 from . import kmsconn
@@ -62,8 +64,13 @@ class Report:
 
 class Fsck:
     def __init__(self, backing: bytes, client: KmsClient | None, repair: bool,
-                 progress: bool = False):
+                 progress: bool = False, encrypted: bool = False,
+                 names: NameCipher | None = None):
         self.backing = backing
+        #: encrypted names: the name cipher (None with --no-kms: names are then only
+        #: checked for what needs no key, the long-name files' hashes)
+        self.encrypted = encrypted
+        self.names = names
         self.client = client
         self.repair = repair
         self.progress = progress
@@ -111,15 +118,35 @@ class Fsck:
         """Every long-form entry needs its long-name file (else the mount cannot show
         it); a long-name file without its entry is a harmless leftover of a crash."""
         present = set(entries)
+        enc = None
+        if self.names is not None:
+            try:
+                enc = nm.dir_names(self.backing, dirpath, self.names)
+            except nm.NameError_:
+                if any(nm.classify(dirpath == self.backing, n) in
+                       (nm.Kind.OBJECT, nm.Kind.LONG_OBJECT) for n in entries):
+                    self.report.add("missing-dir-id", self._rel(dirpath),
+                                    f"directory without its {os.fsdecode(nm.DIR_ID_XATTR)} "
+                                    "(copied without xattrs?): the names in it cannot be "
+                                    "read; restore the attribute from a backup")
+                return
         for name in entries:
             kind = nm.classify(dirpath == self.backing, name)
             path = os.path.join(dirpath, name)
-            if kind is nm.Kind.LONG_OBJECT and nm.read_long_name(path) is None:
+            if kind is nm.Kind.LONG_OBJECT and (
+                    nm.read_long_stored(path, True) is None if self.encrypted and enc is None
+                    else nm.read_long_name(path, enc) is None):
                 p = self.report.add("missing-long-name", self._rel(path),
                                     "long-name entry without a valid long-name file "
                                     f"{os.fsdecode(name + nm.LONG_NAME_SUFFIX)}: the mount "
                                     "does not show it")
                 self._to_lost_found(p, path)
+            elif (kind is nm.Kind.OBJECT and enc is not None
+                  and nm.plain_of_stored(name, enc) is None):
+                self.report.add("undecryptable-name", self._rel(path),
+                                "a name that does not decrypt with this backing dir's name "
+                                "key (not made by encfs, or damaged): the mount does not "
+                                "show it")
             elif kind is nm.Kind.LONG_NAME and nm.object_of(name) not in present:
                 p = self.report.add("orphan-long-name", self._rel(path),
                                     "long-name file whose entry is gone (an interrupted "
@@ -405,19 +432,41 @@ def _fsck(args: argparse.Namespace, backing: str) -> int:
             print(f"encfs fsck: {e} (or run with --no-kms)", file=sys.stderr)
             return EXIT_ERROR
     started = time.time()
-    fsck = Fsck(os.fsencode(backing), client, args.repair,
-                progress=sys.stderr.isatty() and not args.json)
+    root = os.fsencode(backing)
+    try:
+        cfg = bk.read_config(bk.control_path(root, bk.CONFIG_NAME))
+        encrypted = cfg.encrypt_names
+        names = namekey.offline_cipher(root, client) if encrypted and client else None
+    except FileNotFoundError:
+        encrypted, names = False, None
+    except (bk.BackingError, fmt.FormatError, OSError) as e:
+        print(f"encfs fsck: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    fsck = Fsck(root, client, args.repair, progress=sys.stderr.isatty() and not args.json,
+                encrypted=encrypted, names=names)
     report = fsck.run()
+    # Plaintext names for the user only: never in the saved report (it is in the backing
+    # dir, which must not show them)
+    shown = {}
+    if names is not None:
+        for p in report.problems:
+            plain = nm.plain_path(root, os.path.join(root, os.fsencode(p.path)), names)
+            if plain is not None:
+                shown[id(p)] = "/" + os.fsdecode(plain)
     if client is not None:
         client.close()
     _save_report(fsck.backing, report, started)
     if args.json:
-        print(json.dumps({**asdict(report), "exit_code": report.exit_code}, indent=1))
+        out = asdict(report)
+        for p, row in zip(report.problems, out["problems"]):
+            row["name"] = shown.get(id(p))
+        print(json.dumps({**out, "exit_code": report.exit_code}, indent=1))
     else:
         for p in report.problems:
             fixed = f"  [repaired: {p.repaired}]" if p.repaired else ""
             fixed = bk.printable(fixed)
-            print(f"{p.kind}: {bk.printable(p.path)}: {bk.printable(p.detail)}{fixed}")
+            name = f" ({bk.printable(shown[id(p)])})" if id(p) in shown else ""
+            print(f"{p.kind}: {bk.printable(p.path)}{name}: {bk.printable(p.detail)}{fixed}")
         left = sum(1 for p in report.problems if not p.repaired)
         print(f"{report.files} files checked, {len(report.problems)} problems, "
               f"{left} left" + ("" if args.repair or not left else

@@ -20,7 +20,7 @@ import trio
 from kms.paths import default_data_dir
 
 from . import backing as bk
-from . import control, dispatch, kmsconn, tuning
+from . import control, dispatch, kmsconn, namekey, tuning
 from .executor import ContentExecutor
 from .fs import EncFS
 from .journal import Journal
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-backing", action="store_true",
                    help="other programs also write to BACKING: turn kernel caching down "
                    "(0 s entry/attribute timeouts, no writeback cache, no keep_cache)")
+    p.add_argument("--encrypt-names", action="store_true",
+                   help="encrypt file names, symlink targets and xattr names too (chosen "
+                   "when BACKING is first used; later mounts follow its config)")
     p.add_argument("--log", help="log file when not in the foreground "
                    "(default: BACKING/.encfs/mount.log)")
     p.add_argument("--debug", action="store_true", help="log every request")
@@ -82,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         backing, config = bk.open_backing(args.backing)
+        config = namekey.choose(backing, config, args.encrypt_names)
     except bk.BackingError as e:
         raise UserError(str(e)) from None
     mountpoint = os.path.abspath(args.mountpoint)
@@ -101,6 +105,8 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         kms = _kms_target(args)
         key_id = kmsconn.check_key(kms, args.key)
         kmsconn.record(backing, kms)  # tools run on BACKING without options use this KMS
+        if config.encrypt_names and not args.user:  # (with --user: as the user, later)
+            _name_key(backing, kms, key_id)
         _recover_if_unclean(backing)
     except BaseException:
         lock.release()
@@ -113,6 +119,17 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return _serve_foreground(args, backing, config, mountpoint, kms, key_id)
     finally:
         lock.release()
+
+
+def _name_key(backing: bytes, kms: kmsconn.KmsTarget, key_id: str) -> None:
+    """Encrypted names: make the name key on first use, and check that it unwraps now (a
+    clear error before mounting rather than a mount whose every name fails)."""
+    try:
+        with kmsconn.connect(kms) as c:
+            namekey.ensure_record(backing, c, key_id)
+            namekey.offline_cipher(backing, c)
+    except (bk.BackingError, kmsconn.KmsConnError) as e:
+        raise UserError(str(e)) from None
 
 
 def _recover_if_unclean(backing: bytes) -> None:
@@ -157,6 +174,8 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
             serve_as(args.user, backing)
             if kmsconn.check_key(kms, args.key) != key_id:  # the user may use it too
                 raise UserError(f"key {args.key} names another key for {args.user}")
+            if config.encrypt_names:
+                _name_key(backing, kms, key_id)
         log.info("mounted %s on %s (key %s)", os.fsdecode(backing), mountpoint, key_id)
         tuning.quiet_cycle_collector()
         trio.run(_serve, ops, keys, kms)
@@ -173,6 +192,8 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
 
 
 async def _serve(ops: EncFS, keys: KeyManager, target: kmsconn.KmsTarget) -> None:
+    if ops.config.encrypt_names:
+        await ops.load_names()  # before the first request is served
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)

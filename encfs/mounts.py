@@ -38,9 +38,10 @@ def mount_of_backing(backing: str) -> MountEntry | None:
     return next((m for m in encfs_mounts() if os.path.realpath(m.backing) == backing), None)
 
 
-def backing_path_of(path: str) -> str:
+def backing_path_of(path: str, cipher_of=None) -> str:
     """Map a path inside an encfs mount to its backing path; other paths are returned as
-    they are (already a backing path)."""
+    they are (already a backing path). ``cipher_of(backing_root)`` gives the name cipher
+    of a backing dir with encrypted names (None: plaintext names)."""
     real = os.path.realpath(path)
     best = None
     for m in encfs_mounts():
@@ -51,7 +52,9 @@ def backing_path_of(path: str) -> str:
         return path
     from .names import backing_path  # each name through the name layer (long names)
     rel = os.path.relpath(real, best.mountpoint)
-    return os.fsdecode(backing_path(os.fsencode(best.backing), os.fsencode(rel)))
+    root = os.fsencode(best.backing)
+    cipher = cipher_of(root) if cipher_of is not None else None
+    return os.fsdecode(backing_path(root, os.fsencode(rel), cipher))
 
 
 def _mountinfo() -> list[tuple[str, str, str]]:

@@ -278,14 +278,49 @@ class EncryptedMount:
         self.mount()
 
     def backing_path(self, rel: str) -> str:
-        return os.path.join(self.backing, rel)
+        """The backing path of plaintext ``rel``: joined as it is with plaintext names (as
+        tests always used it: ``NAME.sfskey`` is NAME's sidecar); with encrypted names
+        through the name layer, the name key unwrapped by this mount's KMS (and a last
+        component ``NAME.sfskey`` still means NAME's sidecar)."""
+        if not self.encrypted_names:
+            return os.path.join(self.backing, rel)
+        from . import names as nm
+        from .namekey import offline_cipher
+        root = os.fsencode(self.backing)
+        with self.kms.client as c:
+            cipher = offline_cipher(root, c)
+        rel_b, suffix = os.fsencode(rel), b""
+        if rel_b.endswith(nm.SIDECAR_SUFFIX):
+            rel_b, suffix = rel_b[:-len(nm.SIDECAR_SUFFIX)], nm.SIDECAR_SUFFIX
+        return os.fsdecode(nm.backing_path(root, rel_b, cipher) + suffix)
+
+    @property
+    def encrypted_names(self) -> bool:
+        return "--encrypt-names" in self.extra_args
+
+
+#: the two name modes a test may run in (`names_args`)
+NAME_MODES = ("plain-names", "encrypted-names")
+
+
+def names_args(mode: str | None = None) -> list[str]:
+    """Mount arguments for a name mode; with none given, $ENCFS_TEST_NAMES (so that a whole
+    suite can be run with encrypted names: ENCFS_TEST_NAMES=encrypted-names pytest)."""
+    mode = mode or os.environ.get("ENCFS_TEST_NAMES", "plain-names")
+    if mode not in NAME_MODES:
+        raise ValueError(f"unknown name mode {mode!r}")
+    return ["--encrypt-names"] if mode == "encrypted-names" else []
 
 
 def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
                extra_args: list[str] | None = None,
                kms_args: list[str] | None = None) -> EncryptedMount:
     """Create and mount a fresh backing dir under ``workdir``; the caller unmounts.
-    ``kms_args``: the mount's KMS connection options (default: ``kms``'s socket)."""
+    ``kms_args``: the mount's KMS connection options (default: ``kms``'s socket). Names
+    are encrypted when ``extra_args`` say so, or $ENCFS_TEST_NAMES does (`names_args`)."""
+    extra_args = list(extra_args or [])
+    if "--encrypt-names" not in extra_args:
+        extra_args += names_args()
     backing = os.path.join(workdir, "backing")
     mountpoint = os.path.join(workdir, "mnt")
     os.makedirs(backing, exist_ok=True)

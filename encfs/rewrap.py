@@ -31,6 +31,7 @@ from . import backing as bk
 from . import format as fmt
 from . import kmsconn
 from . import names as nm
+from . import namekey
 from .keys import ROTATION_STATUS, file_aad, version_of
 from .mounts import backing_path_of
 from .xattrs import DIR_RECORD_XATTR
@@ -155,6 +156,8 @@ def run(backing: bytes, top: bytes, client: KmsClient, to_key: str | None,
     summary = RewrapSummary()
     rewrapper = Rewrapper(client, to_key)
     paths = list(sidecars_under(backing, top))
+    if top == backing and os.path.lexists(namekey.record_path(backing)):
+        paths.append(namekey.record_path(backing))  # encrypted names: the name key too
     dirs = list(dirs_with_records(backing, top))
     for i, side in enumerate(paths + dirs, 1):
         rel = bk.printable(os.path.relpath(side, backing))
