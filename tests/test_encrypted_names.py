@@ -279,3 +279,51 @@ def test_rewrap_moves_the_name_key_too(enc_mount):
     assert namekey.read_record(os.fsencode(m.backing)).key_id == new_key
     m.mount()
     assert os.listdir(m.mountpoint) == ["kept-name"]
+
+
+def test_what_leaks_and_what_does_not(enc_mount):
+    """docs/SECURITY.md "Encrypted names": lengths show only in 16-byte steps, one name in
+    two directories looks different, equal targets look different; an entry moved to
+    another backing directory no longer decrypts (hidden, reported by fsck); log lines
+    name backing paths, never plaintext names."""
+    m = enc_mount
+    mp = m.mountpoint
+    os.mkdir(f"{mp}/dir-one")
+    os.mkdir(f"{mp}/dir-two")
+    for d in ("dir-one", "dir-two"):
+        open(f"{mp}/{d}/same-name", "w").close()
+    for n in ("a", "b" * 15, "c" * 16):
+        open(f"{mp}/{n}", "w").close()
+    os.symlink("same/target", f"{mp}/link-1")
+    os.symlink("same/target", f"{mp}/link-2")
+    with open(f"{mp}/dir-one/victim-file", "wb") as f:
+        f.write(os.urandom(40000))
+    bp = m.backing_path
+    assert os.path.basename(bp("dir-one/same-name")) != os.path.basename(bp("dir-two/same-name"))
+    assert len(os.path.basename(bp("a"))) == len(os.path.basename(bp("b" * 15)))
+    assert len(os.path.basename(bp("c" * 16))) > len(os.path.basename(bp("a")))
+    assert os.readlink(bp("link-1")) != os.readlink(bp("link-2"))
+    # a block tampered with: EIO, and the log line names no plaintext name
+    with open(bp("dir-one/victim-file"), "r+b") as f:
+        f.seek(24 + 100)
+        b = f.read(1)
+        f.seek(24 + 100)
+        f.write(bytes([b[0] ^ 1]))
+    m.remount()
+    with pytest.raises(OSError) as e:
+        open(f"{mp}/dir-one/victim-file", "rb").read()
+    assert e.value.errno == errno.EIO
+    log = m.log()
+    assert "authentication failed" in log and "victim" not in log and "dir-one" not in log
+    m.unmount()
+    # moved to another directory in the backing dir: its name no longer decrypts there
+    src = bp("dir-one/same-name")
+    dest = os.path.join(os.path.dirname(bp("dir-two/same-name")), os.path.basename(src))
+    os.rename(src, dest)  # the same backing name, in another directory
+    os.rename(src + ".sfskey", dest + ".sfskey")
+    r = _tools(m, "fsck", "--json", m.backing)
+    kinds = [p["kind"] for p in json.loads(r.stdout)["problems"]]
+    assert "undecryptable-name" in kinds
+    m.mount()
+    assert sorted(os.listdir(f"{mp}/dir-two")) == ["same-name"]
+    assert sorted(os.listdir(f"{mp}/dir-one")) == ["victim-file"]

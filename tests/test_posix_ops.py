@@ -23,7 +23,8 @@ from typing import Callable
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import mount_with_own_kms, python_for_other_uids, short_tempdir
+from encfs.pytest_plugin import (NAME_MODES, mount_with_own_kms, names_args,
+                                 python_for_other_uids, short_tempdir)
 
 pytestmark = pytest.mark.fuse
 
@@ -33,9 +34,11 @@ NOBODY = 65534
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-@pytest.fixture(scope="module")
-def mnt():
-    with mount_with_own_kms("encfs-posix-", ["-o", "allow_other"], shared=True) as m:
+@pytest.fixture(scope="module", params=NAME_MODES)
+def mnt(request):
+    """Every test once with plaintext names and once with encrypted names (#18)."""
+    with mount_with_own_kms("encfs-posix-", ["-o", "allow_other", *names_args(request.param)],
+                            shared=True) as m:
         yield m
 
 
@@ -221,7 +224,7 @@ def test_file_over_4gib_is_sparse(d, mnt):
         assert f.read(14) == bytes(10) + b"tail"
         f.seek(4 * 1024 ** 3 - 2)  # the 32-bit boundary reads as a hole
         assert f.read(4) == bytes(4)
-    backing = os.path.join(mnt.backing, os.path.basename(d), "big")
+    backing = mnt.backing_path(os.path.join(os.path.basename(d), "big"))
     st = os.stat(backing)
     assert st.st_size == fmt.cipher_size(off + 4000, fmt.DEFAULT_BLOCK_SIZE)
     assert st.st_blocks * 512 < 1024 * 1024
@@ -330,7 +333,7 @@ def test_fsync_fdatasync_fsyncdir_flush(d, mnt):
         os.write(fd, b"z" * 10000)
         os.fsync(fd)
         # After fsync the ciphertext is in the backing file, before any close.
-        backing = os.path.join(mnt.backing, os.path.basename(d), "durable")
+        backing = mnt.backing_path(os.path.join(os.path.basename(d), "durable"))
         assert os.path.getsize(backing) == fmt.cipher_size(10000, fmt.DEFAULT_BLOCK_SIZE)
         os.write(fd, b"y")
         os.fdatasync(fd)
@@ -451,7 +454,7 @@ def test_open_unlink_keeps_working_until_last_close(both, mnt):
         f2.close()
         return seen, seen2, st.st_nlink, oct(st.st_mode), st.st_size, os.listdir(r)
     assert same(both, scenario)[2:] == (0, "0o100600", 7000, [])
-    assert sorted(os.listdir(os.path.join(mnt.backing, os.path.basename(both[1])))) == []
+    assert sorted(os.listdir(mnt.backing_path(os.path.basename(both[1])))) == []
 
 
 # --- symlinks, hard links, special files ---------------------------------------------------
@@ -469,10 +472,11 @@ def test_symlinks(both, mnt):
                 os.path.realpath(f"{r}/to_f") == os.path.realpath(f"{r}/f")]
     assert same(both, scenario)[4:8] == [errno.EEXIST, errno.EINVAL, errno.ENOENT,
                                          errno.ENOENT]
-    # The target is stored in the clear (docs/FORMAT.md), and symlinks have no sidecar.
-    bdir = os.path.join(mnt.backing, os.path.basename(both[1]))
-    assert os.readlink(f"{bdir}/l") == target
-    assert not os.path.lexists(f"{bdir}/l{SUFFIX}")
+    # The target is stored in the clear (docs/FORMAT.md) unless names are encrypted, and
+    # symlinks have no sidecar.
+    bl = mnt.backing_path(os.path.basename(both[1]) + "/l")
+    assert (os.readlink(bl) == target) is not mnt.encrypted_names
+    assert not os.path.lexists(f"{bl}{SUFFIX}")
 
 
 def test_hard_links_both_halves_and_counts(both, mnt):
@@ -496,10 +500,11 @@ def test_hard_links_both_halves_and_counts(both, mnt):
         return out
     assert same(both, scenario) == [3, b"shared content", True, errno.EEXIST, errno.ENOENT,
                                     errno.EPERM, errno.ENOENT, 2, b"shared content", "b2", 2]
-    bdir = os.path.join(mnt.backing, os.path.basename(both[1]))
-    data, key = os.stat(f"{bdir}/b2"), os.stat(f"{bdir}/b2{SUFFIX}")
+    bdir = os.path.basename(both[1])
+    b2 = mnt.backing_path(f"{bdir}/b2")
+    data, key = os.stat(b2), os.stat(f"{b2}{SUFFIX}")
     assert data.st_nlink == key.st_nlink == 2
-    assert os.stat(f"{bdir}/sub/c{SUFFIX}").st_ino == key.st_ino
+    assert os.stat(mnt.backing_path(f"{bdir}/sub/c") + SUFFIX).st_ino == key.st_ino
     mnt.remount()
     assert read(f"{both[1]}/b2") == b"shared content"
 

@@ -19,7 +19,7 @@ import sysconfig
 
 import pytest
 
-from encfs.pytest_plugin import short_tempdir, mount_with_own_kms
+from encfs.pytest_plugin import NAME_MODES, names_args, short_tempdir, mount_with_own_kms
 
 pytestmark = pytest.mark.fuse
 GIT_FILES = 2500
@@ -28,9 +28,10 @@ GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.
            "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
 
 
-@pytest.fixture(scope="module")
-def mnt():
-    with mount_with_own_kms("encfs-tools-") as m:
+@pytest.fixture(scope="module", params=NAME_MODES)
+def mnt(request):
+    """Every test once with plaintext names and once with encrypted names (#18)."""
+    with mount_with_own_kms("encfs-tools-", names_args(request.param)) as m:
         yield m
 
 
@@ -207,7 +208,7 @@ def test_rsync_ahax_round_trip(mnt, scratch):
     # Hard links stayed links, sparse files stayed sparse (also in the backing dir).
     assert os.stat(f"{into}/hard-a").st_ino == os.stat(f"{into}/dir1/hard-b").st_ino
     assert os.stat(f"{into}/hard-a").st_nlink == 3
-    for p in (f"{back}/sparse.img", os.path.join(mnt.backing, "rsync", "sparse.img")):
+    for p in (f"{back}/sparse.img", mnt.backing_path("rsync/sparse.img")):
         assert os.stat(p).st_blocks * 512 < (1 << 20)
     assert stat.S_ISFIFO(os.lstat(f"{back}/fifo").st_mode)
     # A second run finds nothing to do (sizes and mtimes match exactly).
