@@ -277,6 +277,7 @@ class PlainTarget(Target):
 
 class EncfsTarget(Target):
     name = "encfs"
+    mount_args: list[str] = []
 
     def start(self) -> None:
         from encfs.pytest_plugin import make_mount, start_kms_server
@@ -287,7 +288,8 @@ class EncfsTarget(Target):
                                    capture_output=True, text=True).stdout
         self.kms_args = ["--rate-limit", "0"] if "--rate-limit" in help_text else []
         self.kms = start_kms_server(kms_dir, extra_args=self.kms_args)
-        self.mount = make_mount(self.kms, os.path.join(self.root, "fs"))
+        self.mount = make_mount(self.kms, os.path.join(self.root, "fs"),
+                                extra_args=list(self.mount_args))
         self.dir = self.mount.mountpoint
 
     def backing_dir(self) -> str:
@@ -426,8 +428,15 @@ class GocryptfsTarget(Target):
             return ""
 
 
+class EncfsNamesTarget(EncfsTarget):
+    """encfs with --encrypt-names (#18): its own column and the ratio to plain-name encfs."""
+    name = "encfs-names"
+    mount_args = ["--encrypt-names"]
+
+
 TARGETS: dict[str, type[Target]] = {"plain": PlainTarget, "encfs": EncfsTarget,
-                                    "gocryptfs": GocryptfsTarget}
+                                    "gocryptfs": GocryptfsTarget,
+                                    "encfs-names": EncfsNamesTarget}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -968,14 +977,16 @@ def build_report(runner: Runner, cfg: Config) -> tuple[dict, str]:
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}x" if a is not None and b else "–"
 
+    names_col = "encfs-names" in names  # --encrypt-names: its own column and ratio
     lines = ["| workload | unit | plain | encfs | gocryptfs | encfs/gocryptfs | encfs/plain "
-             "| issue-7 goal |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| issue-7 goal |" + (" encfs-names | names/encfs |" if names_col else ""),
+             "|---|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if names_col else "")]
     rows = []
     for m in metrics(cfg):
         present = any(m.key in summaries.get(t, {}) for t in names)
         wl = wl_of.get(m.key, "kms")
-        errored = {t: wl in err_keys.get(t, set()) for t in ("plain", "encfs", "gocryptfs")}
+        errored = {t: wl in err_keys.get(t, set())
+                   for t in ("plain", "encfs", "gocryptfs", "encfs-names")}
         if not present and not any(errored.values()):
             continue
         e, g, p = med("encfs", m.key), med("gocryptfs", m.key), med("plain", m.key)
@@ -991,8 +1002,13 @@ def build_report(runner: Runner, cfg: Config) -> tuple[dict, str]:
         cells = [cell(summaries.get(t, {}).get(m.key), m.unit,
                       errored[t] and t in names) if t in names else "n/a"
                  for t in ("plain", "encfs", "gocryptfs")]
+        extra = ""
+        if names_col:
+            en = med("encfs-names", m.key)
+            extra = (f" {cell(summaries.get('encfs-names', {}).get(m.key), m.unit, errored['encfs-names'])}"
+                     f" | {ratio(en, e)} |")
         lines.append(f"| {m.label} | {m.unit} {arrow} | {' | '.join(cells)} | {ratio(e, g)} "
-                     f"| {ratio(e, p)} | {goal} |")
+                     f"| {ratio(e, p)} | {goal} |" + extra)
         rows.append({"key": m.key, "label": m.label, "unit": m.unit,
                      "higher_is_better": m.higher_better,
                      "median": {t: med(t, m.key) for t in names},

@@ -53,6 +53,9 @@ class Report:
     def add(self, kind: str, path: bytes | str, detail: str) -> Problem:
         p = Problem(kind, os.fsdecode(path), detail)
         self.problems.append(p)
+        namer = getattr(self, "namer", None)
+        if namer is not None:  # before any repair moves it (not a field: never saved)
+            self.names[id(p)] = namer(os.fsencode(path))
         return p
 
     @property
@@ -71,6 +74,11 @@ class Fsck:
         #: checked for what needs no key, the long-name files' hashes)
         self.encrypted = encrypted
         self.names = names
+        if names is not None:
+            # the plaintext path of each problem, for the printed output only (the saved
+            # report is in the backing dir, which must not show names)
+            self.report.names = {}
+            self.report.namer = self._plain
         self.client = client
         self.repair = repair
         self.progress = progress
@@ -110,6 +118,10 @@ class Fsck:
         self._check_temp_files()
         self._check_keys(pairs)
         return self.report
+
+    def _plain(self, rel: bytes) -> str | None:
+        plain = nm.plain_path(self.backing, os.path.join(self.backing, rel), self.names)
+        return None if plain is None else "/" + os.fsdecode(plain)
 
     def _rel(self, path: bytes) -> bytes:
         return os.path.relpath(path, self.backing)
@@ -447,12 +459,7 @@ def _fsck(args: argparse.Namespace, backing: str) -> int:
     report = fsck.run()
     # Plaintext names for the user only: never in the saved report (it is in the backing
     # dir, which must not show them)
-    shown = {}
-    if names is not None:
-        for p in report.problems:
-            plain = nm.plain_path(root, os.path.join(root, os.fsencode(p.path)), names)
-            if plain is not None:
-                shown[id(p)] = "/" + os.fsdecode(plain)
+    shown = {k: v for k, v in getattr(report, "names", {}).items() if v is not None}
     if client is not None:
         client.close()
     _save_report(fsck.backing, report, started)

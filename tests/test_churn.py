@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from encfs.pytest_plugin import make_mount, short_tempdir, start_kms_server
+from encfs.pytest_plugin import NAME_MODES, make_mount, names_args, short_tempdir, start_kms_server
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")]
@@ -129,14 +129,15 @@ def run_churn(mnt: str, iterations: int = ITERATIONS) -> tuple[Counter, list[str
     return total, details
 
 
-@pytest.fixture
-def shared_mount():
+@pytest.fixture(params=NAME_MODES)
+def shared_mount(request):
+    """Plaintext names and encrypted names (#18)."""
     work = short_tempdir("encfs-churn-")
     os.chmod(work, 0o711)
     kms = start_kms_server(os.path.join(work, "kms"))
     m = None
     try:
-        m = make_mount(kms, work, extra_args=["-o", "allow_other"])
+        m = make_mount(kms, work, extra_args=["-o", "allow_other", *names_args(request.param)])
         os.chmod(m.mountpoint, 0o755)
         os.chmod(os.path.dirname(m.mountpoint), 0o755)
         yield m
@@ -154,4 +155,4 @@ def test_churn_from_three_uids_has_no_failed_call(shared_mount):
     # the backing dir (no sidecar or long-name file of a removed name stays behind).
     for d in ["shared"] + [f"own-{u}" for u in UIDS]:
         assert os.listdir(os.path.join(shared_mount.mountpoint, d)) == []
-        assert os.listdir(os.path.join(shared_mount.backing, d)) == []
+        assert os.listdir(shared_mount.backing_path(d)) == []

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from encfs.pytest_plugin import make_mount, short_tempdir
+from encfs.pytest_plugin import NAME_MODES, make_mount, names_args, short_tempdir
 import errno
 
 from test_crash import assert_stopped_by, check_after_crash, run_fsck, wait_for_steps
@@ -25,11 +25,12 @@ WORKLOAD = os.path.join(os.path.dirname(__file__), "crash_names_workload.py")
 
 
 @pytest.mark.fuse
-def test_sigkill_during_long_short_renames(kms_server):
+@pytest.mark.parametrize("names_mode", NAME_MODES)
+def test_sigkill_during_long_short_renames(kms_server, names_mode):
     for seed in range(RUNS):
         work = short_tempdir("encfs-crashn-")
         log_path = os.path.join(work, "steps.jsonl")
-        m = make_mount(kms_server, work)
+        m = make_mount(kms_server, work, extra_args=names_args(names_mode))
         proc = None
         try:
             proc = subprocess.Popen([sys.executable, WORKLOAD, m.mountpoint, log_path,

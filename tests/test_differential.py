@@ -14,7 +14,7 @@ import stat
 
 import pytest
 
-from encfs.pytest_plugin import short_tempdir
+from encfs.pytest_plugin import NAME_MODES, names_args, short_tempdir, temporary_mount
 
 pytestmark = pytest.mark.fuse
 STEPS = int(os.environ.get("ENCFS_DIFF_STEPS", "1500"))
@@ -112,6 +112,13 @@ def _tree(root: str) -> dict:
                       if not os.path.islink(full) else None)
             out[rel] = (st, content, xattrs)
     return out
+
+
+@pytest.fixture(params=NAME_MODES)
+def encrypted_mount(kms_server, request):
+    """Plaintext names and encrypted names (#18): both must agree with ext4."""
+    with temporary_mount(kms_server, extra_args=names_args(request.param)) as m:
+        yield m
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -45,7 +45,10 @@ def mnt(request):
 @pytest.fixture
 def both(mnt, ext4_root, request):
     """(plain ext4 dir, mount dir): fresh, empty, world-writable, named after the test."""
-    name = request.node.name.replace("[", "_").replace("]", "_")
+    name = request.node.name
+    for mode in NAME_MODES:  # the module's mount is per mode: the name need not say it
+        name = name.replace(f"[{mode}]", "").replace(f"-{mode}]", "]").replace(f"[{mode}-", "[")
+    name = name.replace("[", "_").replace("]", "_")
     ref = tempfile.mkdtemp(prefix="ref-", dir=ext4_root)  # on real ext4
     os.chmod(ref, 0o777)
     mdir = os.path.join(mnt.mountpoint, name)
