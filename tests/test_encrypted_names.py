@@ -327,3 +327,34 @@ def test_what_leaks_and_what_does_not(enc_mount):
     m.mount()
     assert sorted(os.listdir(f"{mp}/dir-two")) == ["same-name"]
     assert sorted(os.listdir(f"{mp}/dir-one")) == ["victim-file"]
+
+
+def test_a_lost_name_key_or_planted_entries_fail_clearly(enc_mount):
+    m = enc_mount
+    os.mkdir(f"{m.mountpoint}/kept")
+    os.symlink("somewhere", f"{m.mountpoint}/link")
+    m.unmount()
+    # a symlink whose target is not ours reads as EIO, and is logged; a planted plaintext
+    # name is not shown
+    os.unlink(m.backing_path("link"))
+    os.symlink("planted-target", m.backing_path("link"))
+    open(f"{m.backing}/planted-plaintext", "w").close()
+    m.mount()
+    assert sorted(os.listdir(m.mountpoint)) == ["kept", "link"]
+    with pytest.raises(OSError) as e:
+        os.readlink(f"{m.mountpoint}/link")
+    assert e.value.errno == errno.EIO
+    m.unmount()
+    assert "symlink target does not decrypt" in m.log()
+    assert "planted-plaintext" in m.log()  # the planted name itself, not a plaintext one
+    # without its name key a backing dir with content is refused in one line
+    key = f"{m.backing}/.encfs/names.key"
+    os.rename(key, key + ".bak")
+    r = subprocess.run([sys.executable, "-m", "encfs", "mount", m.backing, m.mountpoint,
+                        "--foreground", "--kms-socket", m.kms.socket_path, "--project-id",
+                        m.kms.project_id], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "the name key) is missing" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not os.path.exists(key)
+    r = _tools(m, "ls", m.backing)
+    assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
+    os.rename(key + ".bak", key)
