@@ -17,7 +17,7 @@ import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kms.client import KmsClient, KmsError, KmsUnavailable
 
@@ -50,12 +50,18 @@ class Report:
     files: int = 0
     problems: list[Problem] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Encrypted names: each problem's plaintext path, for the printed output only.
+        # Not fields, so never in the saved report (it is in the backing dir, which must
+        # not show names). Taken when the problem is found, before a repair moves it.
+        self.namer: Callable[[bytes], str | None] | None = None
+        self.names: dict[int, str | None] = {}
+
     def add(self, kind: str, path: bytes | str, detail: str) -> Problem:
         p = Problem(kind, os.fsdecode(path), detail)
         self.problems.append(p)
-        namer = getattr(self, "namer", None)
-        if namer is not None:  # before any repair moves it (not a field: never saved)
-            self.names[id(p)] = namer(os.fsencode(path))
+        if self.namer is not None:
+            self.names[id(p)] = self.namer(os.fsencode(path))
         return p
 
     @property
@@ -74,15 +80,12 @@ class Fsck:
         #: checked for what needs no key, the long-name files' hashes)
         self.encrypted = encrypted
         self.names = names
-        if names is not None:
-            # the plaintext path of each problem, for the printed output only (the saved
-            # report is in the backing dir, which must not show names)
-            self.report.names = {}
-            self.report.namer = self._plain
         self.client = client
         self.repair = repair
         self.progress = progress
         self.report = Report(os.fsdecode(backing))
+        if names is not None:
+            self.report.namer = self._plain
         self._pair_problems: dict[bytes, Problem] = {}  # data path -> its pairing problem
         self._parked_paths: set[bytes] = set()
 
@@ -459,7 +462,7 @@ def _fsck(args: argparse.Namespace, backing: str) -> int:
     report = fsck.run()
     # Plaintext names for the user only: never in the saved report (it is in the backing
     # dir, which must not show them)
-    shown = {k: v for k, v in getattr(report, "names", {}).items() if v is not None}
+    shown = {k: v for k, v in report.names.items() if v is not None}
     if client is not None:
         client.close()
     _save_report(fsck.backing, report, started)

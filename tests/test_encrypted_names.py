@@ -17,6 +17,7 @@ import time
 import pytest
 
 from encfs.pytest_plugin import EncryptedMount, make_mount, short_tempdir, start_kms_server
+from test_key_lifecycle import wait_errno
 
 pytestmark = pytest.mark.fuse
 
@@ -163,19 +164,6 @@ def test_mode_follows_the_config_and_is_never_switched_silently(kms_server):
 GRACE = 1.0
 
 
-def _wait_errno(fn, expected: int, within: float) -> None:
-    t0 = time.monotonic()
-    while True:
-        try:
-            fn()
-        except OSError as e:
-            if e.errno == expected:
-                return
-            raise
-        assert time.monotonic() - t0 < within, f"still works after {within}s"
-        time.sleep(0.05)
-
-
 def test_revoking_the_name_key_hides_names_and_enabling_brings_them_back():
     work = short_tempdir("encfs-encn-rev-")
     kms = start_kms_server(f"{work}/kms")
@@ -187,7 +175,7 @@ def test_revoking_the_name_key_hides_names_and_enabling_brings_them_back():
         os.mkdir(f"{m.mountpoint}/visible-dir")
         assert os.listdir(m.mountpoint) == ["visible-dir"]
         kms.client.call("disable-key", {"key_id": m.key_id})
-        _wait_errno(lambda: os.listdir(m.mountpoint), errno.EKEYREVOKED, GRACE + 10)
+        wait_errno(lambda: os.listdir(m.mountpoint), errno.EKEYREVOKED, GRACE + 10)
         with pytest.raises(OSError) as e:
             os.stat(f"{m.mountpoint}/another-name")
         assert e.value.errno == errno.EKEYREVOKED

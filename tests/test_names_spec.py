@@ -8,34 +8,15 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import struct
-import zlib
-
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs.pytest_plugin import make_mount, short_tempdir
+from test_format_spec import read_sidecar_by_spec  # the sidecar format, by the spec too
 
 pytestmark = pytest.mark.fuse
-
-
-def record_by_spec(path: str) -> tuple[str, bytes, bytes]:
-    """(CMK id, file id, wrapped DEK) of a sidecar-format record (FORMAT.md, "Sidecar")."""
-    data = open(path, "rb").read()
-    assert len(data) == 1040 and data[:4] == b"ESFK"
-    best = None
-    for base in (16, 528):
-        slot = data[base:base + 512]
-        if not any(slot) or zlib.crc32(slot[:508]) != struct.unpack(">I", slot[508:])[0]:
-            continue
-        seq = struct.unpack(">Q", slot[:8])[0]
-        k, w = slot[34], struct.unpack(">H", slot[35:37])[0]
-        if best is None or seq > best[0]:
-            best = (seq, slot[37:37 + k].decode(), slot[8:24], slot[101:101 + w])
-    assert best is not None
-    return best[1], best[2], best[3]
 
 
 def b64d(s: bytes) -> bytes:
@@ -62,7 +43,7 @@ def test_decrypt_names_from_the_spec_alone(kms_server):
         m.unmount()
         b = m.backing
         # the name key: a sidecar-format record in .encfs/names.key, unwrapped by the KMS
-        key_id, file_id, wrapped = record_by_spec(f"{b}/.encfs/names.key")
+        key_id, file_id, wrapped = read_sidecar_by_spec(f"{b}/.encfs/names.key")
         reply = kms_server.client.call("decrypt-datakey", {
             "key_id": key_id, "cipher_text": wrapped.hex().upper(),
             "datakey_cipher_length": "32", "additional_authenticated_data": file_id.hex()})
