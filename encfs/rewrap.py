@@ -196,7 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     kmsconn.add_options(p)
     args = p.parse_args(argv)
     backing = os.fsencode(os.path.abspath(args.backing))
-    top = os.fsencode(os.path.abspath(backing_path_of(args.path))) if args.path else backing
+    top = backing
+    if args.path:
+        # a mounted path with encrypted names is mapped with the name key (from the KMS)
+        names = namekey.CipherSource(
+            lambda root: kmsconn.connect(kmsconn.target_from_args(args, root)))
+        try:
+            top = os.fsencode(os.path.abspath(backing_path_of(args.path, names)))
+        except (bk.BackingError, KmsError, kmsconn.KmsConnError, nm.NameError_,
+                OSError) as e:
+            print(f"encfs rewrap: {bk.printable(args.path)}: "
+                  f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 2
     if not os.path.isdir(backing) or not os.path.isdir(top):
         print(f"encfs rewrap: {bk.printable(top)} is not a directory", file=sys.stderr)
         return 2

@@ -256,6 +256,12 @@ def test_tools_show_plaintext_and_backing_names(enc_mount):
 def test_rewrap_moves_the_name_key_too(enc_mount):
     m = enc_mount
     os.mkdir(f"{m.mountpoint}/kept-name")
+    with open(f"{m.mountpoint}/kept-name/f", "w") as f:
+        f.write("x")
+    # --path names a subtree by its path in the mount: mapped with the name key
+    r = _tools(m, "rewrap", m.backing, "--path", f"{m.mountpoint}/kept-name", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sum(json.loads(r.stdout)[k] for k in ("rewrapped", "current")) == 1
     m.unmount()
     m.kms.client.create_key("names-next")
     r = _tools(m, "rewrap", m.backing, "--to-key", "names-next")
