@@ -31,6 +31,7 @@ VALUE_OPTIONS = {
 #: the filesystem is unmounted: for service managers that want the daemon as their child.
 FLAG_OPTIONS = {
     "shared_backing": "--shared-backing",
+    "encrypt_names": "--encrypt-names",
     "debug": "--debug",
     "foreground": "--foreground",
 }
