@@ -218,6 +218,17 @@ def test_tools_show_plaintext_and_backing_names(enc_mount):
     assert r.returncode == 0, r.stderr
     assert sorted(x["name"] for x in json.loads(r.stdout)) == [
         "/hardlinkname", "/patient-4711/2026-layoffs.xlsx"]
+    # rekey works through the mount: a new DEK and file id, the same name and content
+    acme = f"{mp}/patient-4711/customer-acme"
+    before = json.loads(_tools(m, "inspect", "--json", f"{acme}/x.sfskey").stdout)
+    r = subprocess.run([sys.executable, "-m", "encfs", "rekey", acme, "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["rekeyed"] == 4, r.stdout + r.stderr
+    after = json.loads(_tools(m, "inspect", "--json", f"{acme}/x.sfskey").stdout)
+    assert after["file_id"] != before["file_id"] and after["name"] == before["name"]
+    assert sorted(os.listdir(acme)) == sorted(["Q" * 200, "lengthy-" + "w" * 247,
+                                               "x.sfskey", "encfs.long.fakename"])
+    assert open(f"{acme}/x.sfskey", "rb").read() == b"x.sfskey"
     # decrypt: a mount path, a backing path, or a plaintext path in a backing dir
     for args in ([doc], [backing_doc], ["patient-4711/2026-layoffs.xlsx", "--in", m.backing]):
         r = subprocess.run([sys.executable, "-m", "encfs", "decrypt", *args, "--kms-socket",
