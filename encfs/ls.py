@@ -86,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise bk.BackingError(f"{args.path!r} is not a directory in {bk.printable(root)}")
         rows = list(entries(root, top, b"/" + rel if rel else b"/", cipher, args.recursive))
     except (OSError, bk.BackingError, KmsError, kmsconn.KmsConnError, nm.NameError_) as e:
-        print(f"encfs ls: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        where = getattr(e, "filename", None)
+        print(f"encfs ls: {bk.printable(where) + ': ' if where else ''}"
+              f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
     except ValueError as e:  # a damaged config.json (fmt.FormatError)
         print(f"encfs ls: {bk.printable(root)}: {e}", file=sys.stderr)
