@@ -99,10 +99,15 @@ def check_after_crash(mnt: str, log_path: str) -> int:
 IN_FLIGHT_LEFTOVERS = {"orphan-sidecar", "orphan-long-name"}
 
 
-def backing_names_of(names: set[str]) -> set[str]:
-    """Every backing file name that plaintext ``names`` may have (data, sidecar, long)."""
+def backing_names_of(names: set[str], m=None) -> set[str]:
+    """Every backing file name that plaintext ``names`` may have (data, sidecar, long);
+    with encrypted names (mount ``m``), through its name key."""
     out = set()
     for name in names:
+        if m is not None and m.encrypted_names:
+            data = os.path.basename(m.backing_path(name))
+            out |= {data, data + ".sfskey", data + ".name"}
+            continue
         b = bk_names.backing_names(b"", name.encode())
         out |= {os.fsdecode(n) for n in (b.data, b.sidecar, b.long_name) if n}
     return out
@@ -119,7 +124,7 @@ def run_fsck(m, log_path: str | None = None) -> None:
         return
     assert res.returncode == 4, f"fsck after recovery: rc {res.returncode}\n{res.stdout}{res.stderr}"
     inflight = replay(log_path)[1] if log_path else set()
-    allowed = backing_names_of(inflight)
+    allowed = backing_names_of(inflight, m)
     for p in json.loads(res.stdout)["problems"]:
         assert p["kind"] in IN_FLIGHT_LEFTOVERS and os.path.basename(p["path"]) in allowed, \
             f"fsck after recovery: {p} (steps in flight: {sorted(inflight)})"
