@@ -147,15 +147,18 @@ class Journal:
             os.pwrite(self._undo_fd, bytes(len(UNDO_MAGIC)), 0)
 
     def _map(self, size: int) -> bool:
-        """Map at least ``size`` bytes of the undo file (sparse: only the pages written
-        take space). False, and pwrite from then on, where shared mappings fail."""
+        """Map at least ``size`` bytes of the undo file. False, and pwrite from then on,
+        where shared mappings or the allocation fail.
+
+        The mapped range is allocated first (posix_fallocate): a store into a hole of a
+        mapped file is a SIGBUS when the backing filesystem is full, which kills the daemon
+        where a pwrite would have answered ENOSPC (tests/test_faults.py)."""
         if self._undo_map is not None:
             self._undo_map.close()
             self._undo_map = None
         length = max(UNDO_MAP_MIN, 1 << (size - 1).bit_length())
         try:
-            if os.fstat(self._undo_fd).st_size < length:
-                os.ftruncate(self._undo_fd, length)
+            os.posix_fallocate(self._undo_fd, 0, length)
             self._undo_map = mmap.mmap(self._undo_fd, length)
         except (OSError, ValueError):
             self.map_undo = False

@@ -1,6 +1,8 @@
 """The intent journal: a crash between the steps of a change is finished by replay."""
 
+import errno
 import os
+import subprocess
 
 import pytest
 
@@ -233,3 +235,45 @@ def test_undo_records_use_pwrite_where_others_could_truncate_the_file(tmp_path):
     assert len(j.pending()) == 1
     j.replay()
     assert read(f) == b"o" * 100
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_an_undo_record_on_a_full_filesystem_is_enospc_not_sigbus(tmp_path):
+    """A store into an unallocated page of a mapped file is a SIGBUS when the filesystem
+    is full: the mapping is allocated up front, so a full backing fs is ENOSPC at worst
+    (the daemon died of SIGBUS in tests/test_faults.py before)."""
+    root = bytes(tmp_path / "small")
+    os.makedirs(root)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", root],
+                   check=True)
+    try:
+        ctl = os.path.join(root, b".encfs")
+        os.makedirs(ctl)
+        f = os.path.join(root, b"f")
+        put(f, b"o" * 100)
+        child = os.fork()
+        if child == 0:  # a SIGBUS must kill only this child
+            code = 1
+            try:
+                j = Journal(ctl)
+                assert j.map_undo
+                j.undo_before_write(f, os.lstat(f).st_ino, 0, b"x", 100)  # maps the file
+                j.write_done()
+                filler = os.open(os.path.join(root, b"filler"), os.O_WRONLY | os.O_CREAT)
+                try:
+                    while True:
+                        os.write(filler, b"\0" * 65536)
+                except OSError:
+                    pass
+                try:
+                    j.undo_before_write(f, os.lstat(f).st_ino, 0, os.urandom(1 << 20), 100)
+                    code = 0
+                except OSError as e:
+                    code = 0 if e.errno == errno.ENOSPC else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert not os.WIFSIGNALED(status), f"killed by signal {os.WTERMSIG(status)}"
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        subprocess.run(["umount", root], check=True)
