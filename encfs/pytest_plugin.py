@@ -19,12 +19,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
 from kms.client import KmsClient, KmsError
 from kms.paths import DEFAULT_PROJECT_ID
+
+if TYPE_CHECKING:
+    from .namecrypt import NameCipher
 
 START_TIMEOUT = 20.0
 
@@ -232,6 +235,8 @@ class EncryptedMount:
     #: how the mount reaches the KMS (default: ``kms``'s socket), e.g. ``--kms-url https://..
     #: --credentials F --kms-ca-file F``
     kms_args: list[str] | None = None
+    #: (the name-key record, its cipher): `name_cipher`'s cache
+    _cipher: tuple[bytes, Any] | None = field(default=None, repr=False)
 
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace")
@@ -281,46 +286,87 @@ class EncryptedMount:
         """The backing path of plaintext ``rel``: joined as it is with plaintext names (as
         tests always used it: ``NAME.sfskey`` is NAME's sidecar); with encrypted names
         through the name layer, the name key unwrapped by this mount's KMS (and a last
-        component ``NAME.sfskey`` still means NAME's sidecar)."""
-        if not self.encrypted_names:
+        component ``NAME.sfskey`` still means NAME's sidecar). The control dir
+        (``.encfs/...``) is itself in both modes."""
+        if not self.encrypted_names or rel.split("/")[0] == ".encfs":
             return os.path.join(self.backing, rel)
         from . import names as nm
-        from .namekey import offline_cipher
         root = os.fsencode(self.backing)
-        with self.kms.client as c:
-            cipher = offline_cipher(root, c)
         rel_b, suffix = os.fsencode(rel), b""
         if rel_b.endswith(nm.SIDECAR_SUFFIX):
             rel_b, suffix = rel_b[:-len(nm.SIDECAR_SUFFIX)], nm.SIDECAR_SUFFIX
-        return os.fsdecode(nm.backing_path(root, rel_b, cipher) + suffix)
+        return os.fsdecode(nm.backing_path(root, rel_b, self.name_cipher()) + suffix)
+
+    def backing_rel(self, rel: str) -> str:
+        """`backing_path` relative to the backing dir (what a listing of it shows)."""
+        return os.path.relpath(self.backing_path(rel), self.backing)
+
+    def backing_xattr(self, name: str) -> str:
+        """The name a ``user.*`` attribute has on the backing file: itself with plaintext
+        names, its encryption with encrypted names (other namespaces pass through)."""
+        if not self.encrypted_names or not name.startswith("user."):
+            return name
+        return os.fsdecode(self.name_cipher().encrypt_xattr(os.fsencode(name)))
+
+    def name_cipher(self) -> NameCipher | None:
+        """The backing dir's name cipher (None with plaintext names), unwrapped by this
+        mount's KMS once per name-key record (a rewrap writes a new one)."""
+        from .namekey import offline_cipher, record_path
+        root = os.fsencode(self.backing)
+        try:
+            with open(record_path(root), "rb") as f:
+                record = f.read()
+        except FileNotFoundError:
+            record = b""
+        if self._cipher is None or self._cipher[0] != record:
+            with self.kms.client as c:
+                self._cipher = (record, offline_cipher(root, c))
+        return self._cipher[1]
 
     @property
     def encrypted_names(self) -> bool:
         return "--encrypt-names" in self.extra_args
 
 
-#: the two name modes a test may run in (`names_args`)
+#: the two name modes a test may run in (`names_args`, the ``names_mode`` fixture)
 NAME_MODES = ("plain-names", "encrypted-names")
+NAMES_ENV = "ENCFS_TEST_NAMES"
+
+
+def default_names_mode() -> str:
+    """$ENCFS_TEST_NAMES, or plain names: so that a whole suite can be run with encrypted
+    names (ENCFS_TEST_NAMES=encrypted-names pytest)."""
+    mode = os.environ.get(NAMES_ENV, "plain-names")
+    if mode not in NAME_MODES:
+        raise ValueError(f"unknown name mode {mode!r} in ${NAMES_ENV}")
+    return mode
 
 
 def names_args(mode: str | None = None) -> list[str]:
-    """Mount arguments for a name mode; with none given, $ENCFS_TEST_NAMES (so that a whole
-    suite can be run with encrypted names: ENCFS_TEST_NAMES=encrypted-names pytest)."""
-    mode = mode or os.environ.get("ENCFS_TEST_NAMES", "plain-names")
+    """Mount arguments for a name mode; with none given, `default_names_mode()`."""
+    mode = mode or default_names_mode()
     if mode not in NAME_MODES:
         raise ValueError(f"unknown name mode {mode!r}")
     return ["--encrypt-names"] if mode == "encrypted-names" else []
 
 
+#: Run a test that uses ``encrypted_mount`` (or asks for ``names_mode``) once per name
+#: mode: for tests of what the name layer affects (names, listings, backing paths, xattr
+#: names); content-only tests run in the default mode alone.
+both_name_modes = pytest.mark.parametrize("names_mode", NAME_MODES)
+
+
 def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
                extra_args: list[str] | None = None,
-               kms_args: list[str] | None = None) -> EncryptedMount:
+               kms_args: list[str] | None = None,
+               names_mode: str | None = None) -> EncryptedMount:
     """Create and mount a fresh backing dir under ``workdir``; the caller unmounts.
     ``kms_args``: the mount's KMS connection options (default: ``kms``'s socket). Names
-    are encrypted when ``extra_args`` say so, or $ENCFS_TEST_NAMES does (`names_args`)."""
+    are encrypted when ``extra_args`` say so, or ``names_mode`` does, or (no mode given)
+    $ENCFS_TEST_NAMES does (`names_args`)."""
     extra_args = list(extra_args or [])
     if "--encrypt-names" not in extra_args:
-        extra_args += names_args()
+        extra_args += names_args(names_mode)
     backing = os.path.join(workdir, "backing")
     mountpoint = os.path.join(workdir, "mnt")
     os.makedirs(backing, exist_ok=True)
@@ -336,12 +382,14 @@ def make_mount(kms: KmsServer, workdir: str, key: str = "sfs/default",
 @contextlib.contextmanager
 def temporary_mount(kms: KmsServer, prefix: str = "encfs-", key: str = "sfs/default",
                     extra_args: list[str] | None = None,
-                    kms_args: list[str] | None = None) -> Iterator[EncryptedMount]:
+                    kms_args: list[str] | None = None,
+                    names_mode: str | None = None) -> Iterator[EncryptedMount]:
     """A fresh backing dir in a new temp dir, mounted against ``kms``; unmounted (its
     daemon stopped) and removed on exit, also when the body fails."""
     workdir = short_tempdir(prefix)
     try:
-        m = make_mount(kms, workdir, key=key, extra_args=extra_args, kms_args=kms_args)
+        m = make_mount(kms, workdir, key=key, extra_args=extra_args, kms_args=kms_args,
+                       names_mode=names_mode)
         try:
             yield m
         finally:
@@ -352,7 +400,8 @@ def temporary_mount(kms: KmsServer, prefix: str = "encfs-", key: str = "sfs/defa
 
 @contextlib.contextmanager
 def mount_with_own_kms(prefix: str = "encfs-", extra_args: list[str] | None = None,
-                       shared: bool = False) -> Iterator[EncryptedMount]:
+                       shared: bool = False,
+                       names_mode: str | None = None) -> Iterator[EncryptedMount]:
     """A KMS and a mount of their own in a fresh temp dir, all gone on exit; for
     module-scoped fixtures. ``shared``: the temp dir is reachable by other uids (for
     ``-o allow_other`` tests)."""
@@ -362,7 +411,7 @@ def mount_with_own_kms(prefix: str = "encfs-", extra_args: list[str] | None = No
     os.mkdir(os.path.join(workdir, "kms"), 0o700)
     kms = start_kms_server(os.path.join(workdir, "kms"))
     try:
-        m = make_mount(kms, workdir, extra_args=extra_args)
+        m = make_mount(kms, workdir, extra_args=extra_args, names_mode=names_mode)
         try:
             yield m
         finally:
@@ -373,10 +422,18 @@ def mount_with_own_kms(prefix: str = "encfs-", extra_args: list[str] | None = No
 
 
 @pytest.fixture
-def encrypted_mount(kms_server: KmsServer) -> Iterator[EncryptedMount]:
-    """A temporary backing dir mounted through encfs against ``kms_server``.
+def names_mode() -> str:
+    """The name mode of ``encrypted_mount``: `default_names_mode()`; a test parametrized
+    with `both_name_modes` runs in each."""
+    return default_names_mode()
+
+
+@pytest.fixture
+def encrypted_mount(kms_server: KmsServer, names_mode: str) -> Iterator[EncryptedMount]:
+    """A temporary backing dir mounted through encfs against ``kms_server``, with names
+    encrypted or not as ``names_mode`` says.
 
     Unmounted, and its daemon stopped, in teardown even when the test fails.
     """
-    with temporary_mount(kms_server) as m:
+    with temporary_mount(kms_server, names_mode=names_mode) as m:
         yield m

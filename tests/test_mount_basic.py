@@ -13,6 +13,7 @@ import time
 import pytest
 
 from encfs import format as fmt
+from encfs.pytest_plugin import both_name_modes
 
 SUFFIX = fmt.SIDECAR_SUFFIX
 BS = fmt.DEFAULT_BLOCK_SIZE  # new backing dirs get the default block size
@@ -31,16 +32,23 @@ def backing_files(m) -> list[str]:
     return sorted(out)
 
 
+def backing_files_of(m, *plain: str) -> list[str]:
+    """What `backing_files` must show for plaintext paths ``plain`` (data files and
+    sidecars), in either name mode."""
+    return sorted(m.backing_rel(p) for p in plain)
+
+
 def sidecar(m, rel: str) -> fmt.KeyRecord:
-    with open(os.path.join(m.backing, rel + SUFFIX), "rb") as f:
+    with open(m.backing_path(rel + SUFFIX), "rb") as f:
         return fmt.decode_sidecar(f.read())
 
 
+@both_name_modes
 def test_echo_cat_and_backing_holds_ciphertext_and_sidecar(encrypted_mount):
     m = encrypted_mount
     sh(f"echo hi > {m.mountpoint}/a")
     assert sh(f"cat {m.mountpoint}/a").stdout == b"hi\n"
-    assert backing_files(m) == ["a", "a" + SUFFIX]
+    assert backing_files(m) == backing_files_of(m, "a", "a" + SUFFIX)
     raw = open(m.backing_path("a"), "rb").read()
     assert raw.startswith(fmt.DATA_MAGIC) and b"hi" not in raw[fmt.HEADER_SIZE:]
     assert len(raw) == fmt.cipher_size(3, BS)
@@ -102,6 +110,7 @@ def test_python_io_random_offsets_spanning_blocks(encrypted_mount):
             assert f.read(size) == bytes(ref[off:off + size])
 
 
+@both_name_modes
 def test_no_plaintext_anywhere_in_backing(encrypted_mount):
     m = encrypted_mount
     os.makedirs(f"{m.mountpoint}/d/e")
@@ -131,18 +140,20 @@ def test_no_plaintext_anywhere_in_backing(encrypted_mount):
             m.unmount()
 
 
+@both_name_modes
 def test_one_sidecar_per_file_hidden_from_mount(encrypted_mount):
     m = encrypted_mount
     for name in ("x", "y", "z"):
         open(f"{m.mountpoint}/{name}", "w").write(name)
     assert sorted(os.listdir(m.mountpoint)) == ["x", "y", "z"]
-    assert backing_files(m) == sorted(["x", "y", "z"] + [n + SUFFIX for n in "xyz"])
+    assert backing_files(m) == backing_files_of(m, "x", "y", "z", *(n + SUFFIX for n in "xyz"))
     assert not os.path.exists(f"{m.mountpoint}/x{SUFFIX}")
     open(f"{m.mountpoint}/new{SUFFIX}", "w").write("a user's own")  # a long name
     assert sorted(os.listdir(m.mountpoint)) == ["new" + SUFFIX, "x", "y", "z"]
     assert not os.path.exists(f"{m.mountpoint}/.encfs")
 
 
+@both_name_modes
 def test_remount_reads_identical_bytes(encrypted_mount):
     m = encrypted_mount
     data = {f"f{i}": os.urandom(i * 3001) for i in range(6)}
@@ -154,6 +165,7 @@ def test_remount_reads_identical_bytes(encrypted_mount):
         assert open(f"{m.mountpoint}/sub/{name}", "rb").read() == content
 
 
+@both_name_modes
 def test_files_get_distinct_deks_and_file_ids(encrypted_mount):
     m = encrypted_mount
     open(f"{m.mountpoint}/one", "w").write("same content")
@@ -168,6 +180,7 @@ def test_files_get_distinct_deks_and_file_ids(encrypted_mount):
     assert dek_a != dek_b and len(dek_a) == 32
 
 
+@both_name_modes
 def test_unlink_removes_both_halves(encrypted_mount):
     m = encrypted_mount
     open(f"{m.mountpoint}/gone", "w").write("x")
@@ -218,6 +231,7 @@ def test_sparse_write_far_past_end_stays_sparse(encrypted_mount):
         assert f.read() == b"\0\0end"
 
 
+@both_name_modes
 def test_directories_rename_and_listing(encrypted_mount):
     m = encrypted_mount
     mp = m.mountpoint
@@ -228,7 +242,7 @@ def test_directories_rename_and_listing(encrypted_mount):
     assert os.path.exists(m.backing_path("c/b/file" + SUFFIX))
     os.rename(f"{mp}/c/b/file", f"{mp}/moved")
     assert open(f"{mp}/moved").read() == "content"
-    assert backing_files(m) == ["moved", "moved" + SUFFIX]
+    assert backing_files(m) == backing_files_of(m, "moved", "moved" + SUFFIX)
     with pytest.raises(OSError) as e:
         os.rmdir(f"{mp}/c")
     assert e.value.errno == errno.ENOTEMPTY
@@ -242,6 +256,7 @@ def test_directories_rename_and_listing(encrypted_mount):
     assert sorted(os.listdir(f"{mp}/many")) == names
 
 
+@both_name_modes
 def test_rename_over_existing_file(encrypted_mount):
     m = encrypted_mount
     mp = m.mountpoint
@@ -251,11 +266,12 @@ def test_rename_over_existing_file(encrypted_mount):
     os.rename(f"{mp}/src", f"{mp}/dst")
     assert open(f"{mp}/dst").read() == "new"
     assert sidecar(m, "dst").file_id == src_id
-    assert backing_files(m) == ["dst", "dst" + SUFFIX]
+    assert backing_files(m) == backing_files_of(m, "dst", "dst" + SUFFIX)
     m.remount()
     assert open(f"{mp}/dst").read() == "new"
 
 
+@both_name_modes
 def test_chmod_utimens_and_stat(encrypted_mount):
     m = encrypted_mount
     path = f"{m.mountpoint}/meta"
@@ -271,6 +287,7 @@ def test_chmod_utimens_and_stat(encrypted_mount):
     assert bst.st_mtime_ns == st.st_mtime_ns and bst.st_mode == st.st_mode
 
 
+@both_name_modes
 def test_statfs_reports_the_full_name_limit(encrypted_mount):
     m = encrypted_mount
     assert os.statvfs(m.mountpoint).f_namemax == 255
@@ -282,6 +299,7 @@ def test_statfs_reports_the_full_name_limit(encrypted_mount):
     assert e.value.errno == errno.ENAMETOOLONG
 
 
+@both_name_modes
 def test_fsync_and_open_unlink_keeps_working(encrypted_mount):
     m = encrypted_mount
     path = f"{m.mountpoint}/tmpfile"
@@ -299,6 +317,7 @@ def test_fsync_and_open_unlink_keeps_working(encrypted_mount):
     assert backing_files(m) == []
 
 
+@both_name_modes
 def test_tampered_block_gives_eio_and_log_line(encrypted_mount):
     m = encrypted_mount
     path = f"{m.mountpoint}/victim"
@@ -317,9 +336,12 @@ def test_tampered_block_gives_eio_and_log_line(encrypted_mount):
             f.read(BS)
         assert e.value.errno == errno.EIO
     log = m.log()
-    assert "victim" in log and "block 1" in log and m.backing_path("victim") in log
+    assert "block 1" in log and m.backing_path("victim") in log
+    # the plaintext name too, unless names are encrypted (then no log line shows one)
+    assert ("victim" in log) is not m.encrypted_names
 
 
+@both_name_modes
 def test_sha256_of_many_files_through_tar(encrypted_mount, tmp_path):
     m = encrypted_mount
     src = tmp_path / "tree"
@@ -363,6 +385,7 @@ def test_backing_dir_made_with_4k_blocks_keeps_them(kms_server):
         shutil.rmtree(work, ignore_errors=True)
 
 
+@both_name_modes
 def test_torn_sidecar_beside_an_empty_file_gets_a_new_key(encrypted_mount):
     """A crash while a new file's sidecar was being written leaves a torn sidecar beside an
     empty data file: the file is usable, with a new key."""
@@ -380,6 +403,7 @@ def test_torn_sidecar_beside_an_empty_file_gets_a_new_key(encrypted_mount):
     assert "replacing the damaged sidecar of an empty file" in m.log()
 
 
+@both_name_modes
 def test_sidecars_from_spares_and_recycled_ones_get_their_files_mode(encrypted_mount):
     """New sidecars come from the pool of spare inodes, and removed files' sidecars go back
     into it; either way the sidecar gets its data file's mode, and unmount leaves no spare."""
