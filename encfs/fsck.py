@@ -25,7 +25,7 @@ from . import backing as bk
 from . import format as fmt
 from . import names as nm
 from . import namekey
-from .namecrypt import NameCipher
+from .namecrypt import DIR_ID_SIZE, ROOT_DIR_ID, NameCipher
 from .mounts import mount_of_backing
 from .spares import SPARE_PREFIX
 from . import kmsconn
@@ -86,6 +86,9 @@ class Fsck:
         self.report = Report(os.fsdecode(backing))
         if names is not None:
             self.report.namer = self._plain
+        #: lost+found's backing name in the root (encrypted with the name key)
+        self._lost_found_name = (LOST_FOUND if names is None else nm.backing_names(
+            backing, LOST_FOUND, nm.DirNames(names, ROOT_DIR_ID)).data)
         self._pair_problems: dict[bytes, Problem] = {}  # data path -> its pairing problem
         self._parked_paths: set[bytes] = set()
 
@@ -96,7 +99,8 @@ class Fsck:
         sidecars: list[bytes] = []
         for dirpath, dirnames, filenames in os.walk(self.backing):
             if dirpath == self.backing:
-                dirnames[:] = [d for d in dirnames if d not in (bk.CONTROL_DIR, LOST_FOUND)]
+                dirnames[:] = [d for d in dirnames if d not in (bk.CONTROL_DIR, LOST_FOUND,
+                                                                self._lost_found_name)]
             self._check_long_names(dirpath, dirnames + filenames)
             for name in dirnames + filenames:
                 path = os.path.join(dirpath, name)
@@ -354,6 +358,9 @@ class Fsck:
         """Move a file (and its sidecar) out of the tree, keeping every byte."""
         if not self.repair:
             return
+        if self.names is not None:
+            self._to_named_lost_found(problem, path)
+            return
         lf = os.path.join(self.backing, LOST_FOUND)
         os.makedirs(lf, mode=0o700, exist_ok=True)
         flat = self._rel(path).replace(b"/", b"%")
@@ -371,13 +378,73 @@ class Fsck:
             nm.remove_long_name(path)  # its name went with it (or was never there)
         problem.repaired = f"moved to {os.fsdecode(self._rel(dest))}"
 
+    # Encrypted names: lost+found is a directory of the mount like any other (its name
+    # encrypted in the root, an id of its own, its entries' names encrypted under it), so
+    # the mount shows /lost+found and what fsck put there under readable names: the
+    # plaintext path flattened (``a%b%c``) when it could be read, else ``unnamed-`` and
+    # the backing path flattened. A plaintext-named lost+found would be hidden by the mount.
+
+    def _lost_found_dir(self) -> tuple[bytes, nm.DirNames]:
+        assert self.names is not None
+        lf = nm.data_path(self.backing, LOST_FOUND, nm.DirNames(self.names, ROOT_DIR_ID))
+        try:
+            os.mkdir(lf, 0o700)
+        except FileExistsError:
+            pass
+        dir_id = nm.read_dir_id(lf)
+        if dir_id is None:
+            dir_id = os.urandom(DIR_ID_SIZE)
+            os.setxattr(lf, nm.DIR_ID_XATTR, dir_id)
+        return lf, nm.DirNames(self.names, dir_id)
+
+    def _lost_found_names(self, plain: bytes) -> tuple[bytes, nm.BackingNames]:
+        """A free entry of the encrypted lost+found for plaintext name ``plain`` (``~N``
+        added until it is free); its long-name file written when it needs one."""
+        lf, enc = self._lost_found_dir()
+        plain = plain[-(nm.NAME_MAX - 8):]  # room for "~N"; a deep path keeps its tail
+        cand, n = plain, 1
+        while True:
+            names = nm.backing_names(lf, cand, enc)
+            if not os.path.lexists(os.path.join(lf, names.data)):
+                break
+            n += 1
+            cand = plain + b"~%d" % n
+        if names.long_name is not None:  # first: a leftover long-name file is harmless
+            with open(os.path.join(lf, names.long_name), "wb") as f:
+                f.write(names.stored)
+        return lf, names
+
+    def _flat_plain(self, obj: bytes) -> bytes:
+        plain = self._plain(self._rel(obj))
+        if plain:
+            return os.fsencode(plain).lstrip(b"/").replace(b"/", b"%")
+        return b"unnamed-" + self._rel(obj).replace(b"/", b"%")
+
+    def _to_named_lost_found(self, problem: Problem, path: bytes) -> None:
+        side = nm.is_sidecar(path)
+        obj = nm.data_of_sidecar(path) if side else path
+        lf, names = self._lost_found_names(self._flat_plain(obj))
+        dest = os.path.join(lf, names.data)
+        if side:
+            os.rename(path, os.path.join(lf, names.sidecar))
+        else:
+            os.rename(path, dest)
+            if os.path.lexists(bk.sidecar_path(path)):
+                os.rename(bk.sidecar_path(path), bk.sidecar_path(dest))
+            nm.remove_long_name(path)  # its name went with it (or was never there)
+        problem.repaired = f"moved to {os.fsdecode(self._rel(dest))}"
+
     def _cut_torn_tail(self, problem: Problem, pair: Pair) -> None:
         """Drop the fragment of an interrupted block write, after saving a full copy."""
         if not self.repair:
             return
-        lf = os.path.join(self.backing, LOST_FOUND)
-        os.makedirs(lf, mode=0o700, exist_ok=True)
-        copy = os.path.join(lf, self._rel(pair.data_path).replace(b"/", b"%") + b".torn")
+        if self.names is not None:
+            lf, names = self._lost_found_names(self._flat_plain(pair.data_path) + b".torn")
+            copy = os.path.join(lf, names.data)
+        else:
+            lf = os.path.join(self.backing, LOST_FOUND)
+            os.makedirs(lf, mode=0o700, exist_ok=True)
+            copy = os.path.join(lf, self._rel(pair.data_path).replace(b"/", b"%") + b".torn")
         src_fd = bk.open_regular(pair.data_path, what="data file")
         with os.fdopen(src_fd, "rb") as src, open(copy, "xb") as dst:
             dst.write(src.read())

@@ -283,14 +283,13 @@ class EncryptedMount:
         self.mount()
 
     def backing_path(self, rel: str) -> str:
-        """The backing path of plaintext ``rel``: joined as it is with plaintext names (as
-        tests always used it: ``NAME.sfskey`` is NAME's sidecar); with encrypted names
-        through the name layer, the name key unwrapped by this mount's KMS (and a last
-        component ``NAME.sfskey`` still means NAME's sidecar). The control dir
-        (``.encfs/...``) is itself in both modes."""
-        if not self.encrypted_names or rel.split("/")[0] == ".encfs":
-            return os.path.join(self.backing, rel)
+        """The backing path of plaintext ``rel``, each component through the name layer
+        (long names hashed; with encrypted names, the name key unwrapped by this mount's
+        KMS). A last component ``NAME.sfskey`` means NAME's sidecar, as tests always
+        used it; the control dir (``.encfs/...``) is itself in both modes."""
         from . import names as nm
+        if rel.split("/")[0] == ".encfs":
+            return os.path.join(self.backing, rel)
         root = os.fsencode(self.backing)
         rel_b, suffix = os.fsencode(rel), b""
         if rel_b.endswith(nm.SIDECAR_SUFFIX):
@@ -312,6 +311,8 @@ class EncryptedMount:
         """The backing dir's name cipher (None with plaintext names), unwrapped by this
         mount's KMS once per name-key record (a rewrap writes a new one)."""
         from .namekey import offline_cipher, record_path
+        if not self.encrypted_names:
+            return None
         root = os.fsencode(self.backing)
         try:
             with open(record_path(root), "rb") as f:

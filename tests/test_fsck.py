@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from encfs import format as fmt
+from encfs.pytest_plugin import both_name_modes
 
 S = fmt.SIDECAR_SUFFIX
 BS = fmt.DEFAULT_BLOCK_SIZE
@@ -78,51 +79,60 @@ def test_fsck_repairs_swapped_and_orphaned_sidecars(populated):
         assert open(f"{m.mountpoint}/{name}", "rb").read() == data
 
 
+@both_name_modes
 def test_fsck_moves_unrepairable_to_lost_found_and_keeps_bytes(populated):
     m, contents = populated
     b = m.backing
-    raw = bytearray(open(f"{b}/dir/c", "rb").read())
+    raw = bytearray(open(m.backing_path("dir/c"), "rb").read())
     raw[fmt.block_offset(3, BS) + 100] ^= 1
-    open(f"{b}/dir/c", "wb").write(raw)
+    open(m.backing_path("dir/c"), "wb").write(raw)
     open(f"{b}/.encfs/tmp/t-leftover", "wb").write(b"partial")
     for i in range(300):  # a crashed mount's spare sidecar inodes
         open(f"{b}/.encfs/tmp/s-{i:016x}", "wb").close()
     with open(f"{b}/orphan{S}", "wb") as f:
-        f.write(open(f"{b}/a{S}", "rb").read())  # a second copy whose data file is gone
-    os.unlink(f"{b}/a{S}")
-    os.rename(f"{b}/orphan{S}", f"{b}/orphan-moved{S}")
+        f.write(open(m.backing_path(f"a{S}"), "rb").read())  # a copy whose data file is gone
+    os.unlink(m.backing_path(f"a{S}"))
+    os.rename(f"{b}/orphan{S}", m.backing_path(f"orphan-moved{S}"))
     report = fsck_json(m, rc=4)
     got = kinds(report)
-    assert ("bad-block", "dir/c") in got and ("temp-file", ".encfs/tmp/t-leftover") in got
-    assert ("missing-sidecar", "a") in got
+    assert ("bad-block", m.backing_rel("dir/c")) in got
+    assert ("temp-file", ".encfs/tmp/t-leftover") in got
+    assert ("missing-sidecar", m.backing_rel("a")) in got
     spares = [p for p in report["problems"] if p["kind"] == "spare-files"]
     assert len(spares) == 1 and spares[0]["detail"].startswith("300 spare")  # one line
     bad = next(p for p in report["problems"] if p["kind"] == "bad-block")
     assert "block 3" in bad["detail"]
     report = fsck_json(m, "--repair")
     assert report["exit_code"] == 1, report
-    assert open(f"{b}/lost+found/dir%c", "rb").read() == bytes(raw)  # every byte kept
-    assert os.path.exists(f"{b}/lost+found/dir%c{S}")
+    # under its plaintext path flattened, in a lost+found the mount shows (encrypted
+    # names: both names encrypted)
+    assert open(m.backing_path("lost+found/dir%c"), "rb").read() == bytes(raw)  # every byte
+    assert os.path.exists(m.backing_path(f"lost+found/dir%c{S}"))
     assert not os.path.exists(f"{b}/.encfs/tmp/t-leftover")
     assert os.listdir(f"{b}/.encfs/tmp") == []
     assert fsck_json(m, rc=0)["problems"] == []
     m.mount()
     assert open(f"{m.mountpoint}/a", "rb").read() == contents["a"]
+    assert "dir%c" in os.listdir(f"{m.mountpoint}/lost+found")
+    with open(f"{m.mountpoint}/lost+found/dir%c", "rb") as f:
+        assert f.read(BS) == contents["dir/c"][:BS]  # readable up to the bad block
 
 
+@both_name_modes
 def test_fsck_cuts_a_torn_block_and_saves_the_original(populated):
     m, contents = populated
-    path = f"{m.backing}/b"
+    path = m.backing_path("b")
     original = open(path, "rb").read()
     torn = fmt.block_offset(1, BS) + 10  # the second block's write stopped after 10 bytes
     os.truncate(path, torn)
     report = fsck_json(m, "--repair", rc=1)
-    assert kinds(report) == [("torn-block", "b")]
-    assert open(f"{m.backing}/lost+found/b.torn", "rb").read() == original[:torn]
+    assert kinds(report) == [("torn-block", m.backing_rel("b"))]
+    assert open(m.backing_path("lost+found/b.torn"), "rb").read() == original[:torn]
     assert open(path, "rb").read() == original[:fmt.block_offset(1, BS)]
     assert fsck_json(m, rc=0)["problems"] == []
     m.mount()
     assert open(f"{m.mountpoint}/b", "rb").read() == contents["b"][:BS]
+    assert os.listdir(f"{m.mountpoint}/lost+found") == ["b.torn"]
 
 
 def test_fsck_reports_unusable_key(populated):

@@ -18,6 +18,7 @@ import pytest
 
 from encfs import format as fmt
 from encfs import names as nm
+from encfs.pytest_plugin import both_name_modes
 
 pytestmark = pytest.mark.fuse
 
@@ -45,7 +46,32 @@ def backing_entries(path: str) -> list[str]:
 
 
 def long_form(name: str) -> str:
+    """The hashed backing name of a long plaintext name in a plaintext-names root."""
     return os.fsdecode(nm.backing_names(b"", os.fsencode(name)).data)
+
+
+def data_name(m, rel: str) -> str:
+    """The backing name of plaintext ``rel``'s data file, in either name mode."""
+    return os.path.basename(m.backing_path(rel))
+
+
+def entries_of(m, rel: str, sidecar: bool = True) -> list[str]:
+    """The backing entries plaintext ``rel`` takes: its data file (or directory), its
+    sidecar, and its long-name file when its stored name is too long to be itself."""
+    data = data_name(m, rel)
+    out = [data] + ([data + S] if sidecar else [])
+    if data.startswith(os.fsdecode(nm.LONG_PREFIX)):
+        out.append(data + ".name")
+    return out
+
+
+def stored_name(m, rel: str) -> bytes:
+    """What plaintext ``rel``'s long-name file holds: the name, or its encryption."""
+    root = os.fsencode(m.backing)
+    parent = os.fsencode(m.backing_path(os.path.dirname(rel)) if os.path.dirname(rel)
+                         else m.backing)
+    enc = nm.dir_names(root, parent, m.name_cipher())
+    return nm.backing_names(parent, os.fsencode(os.path.basename(rel)), enc).stored
 
 
 def read(p: str) -> bytes:
@@ -74,6 +100,7 @@ def test_backing_names_pure():
     assert e.value.errno == errno.ENAMETOOLONG
 
 
+@both_name_modes
 def test_255_byte_names_through_every_operation(encrypted_mount):
     m = encrypted_mount
     mp, bd = m.mountpoint, m.backing
@@ -81,9 +108,11 @@ def test_255_byte_names_through_every_operation(encrypted_mount):
     # create, open, read
     write(f"{mp}/{L255}", data)
     assert read(f"{mp}/{L255}") == data
-    h = long_form(L255)
+    h = data_name(m, L255)
     assert backing_entries(bd) == sorted([".encfs", h, h + S, h + ".name"])
-    assert read(f"{bd}/{h}.name") == L255.encode()
+    assert h == long_form(L255) or m.encrypted_names
+    assert read(f"{bd}/{h}.name") == stored_name(m, L255)
+    assert read(f"{bd}/{h}.name") == L255.encode() or m.encrypted_names
     assert read(f"{bd}/{h}") != data[:100]  # encrypted like any file
     # readdir and stat
     assert os.listdir(mp) == [L255]
@@ -93,9 +122,10 @@ def test_255_byte_names_through_every_operation(encrypted_mount):
     assert os.getxattr(f"{mp}/{L255}", "user.k") == b"v"
     # rename long -> short, short -> long, long -> long
     os.rename(f"{mp}/{L255}", f"{mp}/short")
-    assert backing_entries(bd) == [".encfs", "short", "short" + S]
+    assert backing_entries(bd) == sorted([".encfs", *entries_of(m, "short")])
+    assert len(entries_of(m, "short")) == 2  # stored as itself
     os.rename(f"{mp}/short", f"{mp}/{L249}")
-    h249 = long_form(L249)
+    h249 = data_name(m, L249)
     assert backing_entries(bd) == sorted([".encfs", h249, h249 + S, h249 + ".name"])
     os.rename(f"{mp}/{L249}", f"{mp}/{L255}")
     assert read(f"{mp}/{L255}") == data
@@ -113,7 +143,7 @@ def test_255_byte_names_through_every_operation(encrypted_mount):
     os.unlink(f"{mp}/{L249}")
     assert read(f"{mp}/{L255}") == data and read(f"{mp}/plain") == data
     os.unlink(f"{mp}/{L255}")
-    assert backing_entries(bd) == [".encfs", "plain", "plain" + S]
+    assert backing_entries(bd) == sorted([".encfs", *entries_of(m, "plain")])
     # directories, nested, and symlinks with long names
     os.mkdir(f"{mp}/{L255}")
     os.mkdir(f"{mp}/{L255}/{L249}")
@@ -130,16 +160,19 @@ def test_255_byte_names_through_every_operation(encrypted_mount):
     os.unlink(f"{mp}/{L255}/{L249}/{L255}")
     os.rmdir(f"{mp}/{L255}/{L249}")
     assert os.listdir(f"{mp}/{L255}") == []
-    assert backing_entries(f"{bd}/{h}") == []
+    assert backing_entries(m.backing_path(L255)) == []
     os.rmdir(f"{mp}/{L255}")
     os.unlink(f"{mp}/{L249}")
-    assert backing_entries(bd) == [".encfs", "plain", "plain" + S]
+    assert backing_entries(bd) == sorted([".encfs", *entries_of(m, "plain")])
     # names over 255 bytes stay refused, names up to 248 are stored as themselves
     with pytest.raises(OSError) as e:
         write(f"{mp}/{'n' * 256}", b"")
     assert e.value.errno == errno.ENAMETOOLONG
     write(f"{mp}/{SHORT248}", b"s")
-    assert SHORT248 in backing_entries(bd)
+    assert sorted(entries_of(m, SHORT248)) == sorted(set(backing_entries(bd))
+                                                     - {".encfs", *entries_of(m, "plain")})
+    if not m.encrypted_names:  # an encrypted name is longer: 248 bytes make a long one
+        assert entries_of(m, SHORT248) == [SHORT248, SHORT248 + S]
     # everything survives a remount
     write(f"{mp}/{L255}", data)
     m.remount()
@@ -182,6 +215,7 @@ def test_path_max_paths(encrypted_mount):
     assert os.listdir(base) == []
 
 
+@both_name_modes
 def test_tools_follow_long_names(encrypted_mount):
     m = encrypted_mount
     mp = m.mountpoint
@@ -192,7 +226,9 @@ def test_tools_follow_long_names(encrypted_mount):
     # inspect and decrypt take the mount path (mapped through the name layer) ...
     info = json.loads(encfs(m, "inspect", f"{mp}/{L249}/{L255}", "--json", *kms(m)).stdout)
     assert info["plaintext_size"] == len(data)
-    assert info["backing_path"] == f"{m.backing}/{long_form(L249)}/{long_form(L255)}"
+    assert info["backing_path"] == m.backing_path(f"{L249}/{L255}")
+    if not m.encrypted_names:
+        assert info["backing_path"] == f"{m.backing}/{long_form(L249)}/{long_form(L255)}"
     assert encfs(m, "decrypt", f"{mp}/{L249}/{L255}", *kms(m)).stdout == data
     # ... rekey works through the mount, rewrap on the backing dir
     assert json.loads(encfs(m, "rekey", f"{mp}/{L249}", "--json").stdout)["rekeyed"] == 1
@@ -206,15 +242,19 @@ def test_tools_follow_long_names(encrypted_mount):
     assert json.loads(encfs(m, "fsck", m.backing, "--json", *kms(m)).stdout)["problems"] == []
     orphan = nm.backing_names(b"", b"z" * 250).long_name
     write(os.path.join(m.backing, os.fsdecode(orphan)), b"z" * 250)
-    h = long_form(L255)
+    h = data_name(m, L255)
     os.unlink(f"{m.backing}/{h}.name")
     rep = json.loads(encfs(m, "fsck", m.backing, "--json", "--repair", *kms(m), rc=1).stdout)
     kinds = sorted(p["kind"] for p in rep["problems"])
     assert kinds == ["missing-long-name", "orphan-long-name"], rep
     assert not os.path.exists(os.path.join(m.backing, os.fsdecode(orphan)))
-    assert os.listdir(f"{m.backing}/lost+found") == sorted([f"unnamed-{h}", f"unnamed-{h}{S}"]) \
-        or sorted(os.listdir(f"{m.backing}/lost+found")) == sorted([f"unnamed-{h}",
-                                                                     f"unnamed-{h}{S}"])
+    # lost+found holds it under a name the mount shows (encrypted names: lost+found is
+    # itself an encrypted name, and so are its entries)
+    assert backing_entries(m.backing_path("lost+found")) == \
+        sorted(entries_of(m, f"lost+found/unnamed-{h}"))
+    if not m.encrypted_names:
+        assert backing_entries(f"{m.backing}/lost+found") == [f"unnamed-{h}", f"unnamed-{h}{S}"]
     assert json.loads(encfs(m, "fsck", m.backing, "--json", *kms(m)).stdout)["problems"] == []
     m.mount()
+    assert os.listdir(f"{m.mountpoint}/lost+found") == [f"unnamed-{h}"]
     assert read(f"{m.mountpoint}/lost+found/unnamed-{h}") == b"top"
