@@ -1149,9 +1149,11 @@ class EncFS(pyfuse3.Operations):
             return cipher.decrypt(name, blob)
         except xa.XattrAuthError as e:
             path = self._any_path(self.nodes[inode])
+            # the backing name of the attribute: with encrypted names, never the plaintext
             log.error("%s (backing %s): xattr %s: %s",
                       self._display(path) if path else f"inode {inode}",
-                      bk.printable(path) if path else "unlinked", bk.printable(name), e)
+                      bk.printable(path) if path else "unlinked",
+                      bk.printable(self._xattr_backing(name, kind)), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     def _xattr_backing(self, name: bytes, kind: xa.Kind) -> bytes:

@@ -302,10 +302,13 @@ class EncryptedMount:
 
     def backing_xattr(self, name: str) -> str:
         """The name a ``user.*`` attribute has on the backing file: itself with plaintext
-        names, its encryption with encrypted names (other namespaces pass through)."""
-        if not self.encrypted_names or not name.startswith("user."):
+        names, its encryption with encrypted names (other namespaces, and our own
+        ``user.encfs.*``, pass through)."""
+        from . import xattrs as xa
+        raw = os.fsencode(name)
+        if not self.encrypted_names or xa.classify(raw) is not xa.Kind.ENCRYPTED:
             return name
-        return os.fsdecode(self.name_cipher().encrypt_xattr(os.fsencode(name)))
+        return os.fsdecode(self.name_cipher().encrypt_xattr(raw))
 
     def name_cipher(self) -> NameCipher | None:
         """The backing dir's name cipher (None with plaintext names), unwrapped by this

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import short_tempdir
+from encfs.pytest_plugin import both_name_modes, short_tempdir
 from encfs.xattrs import DIR_RECORD_XATTR
 
 pytestmark = pytest.mark.fuse
@@ -28,6 +28,7 @@ def err(fn, *args, **kw) -> int:
     return 0
 
 
+@both_name_modes
 def test_directory_user_xattrs_set_get_list_remove(encrypted_mount):
     m = encrypted_mount
     d = f"{m.mountpoint}/dir"
@@ -51,27 +52,30 @@ def test_directory_user_xattrs_set_get_list_remove(encrypted_mount):
     assert err(os.getxattr, d, DIR_RECORD_XATTR.decode()) == errno.ENODATA
 
 
+@both_name_modes
 def test_directory_values_encrypted_and_survive_rename_and_remount(encrypted_mount):
     m = encrypted_mount
     os.makedirs(f"{m.mountpoint}/a/sub")
     os.setxattr(f"{m.mountpoint}/a", "user.k", SECRET)
     os.setxattr(f"{m.mountpoint}/a/sub", "user.k", SECRET)
-    blob = os.getxattr(f"{m.backing}/a", "user.k")
+    a, sub = m.backing_path("a"), m.backing_path("a/sub")
+    blob = os.getxattr(a, m.backing_xattr("user.k"))
     assert SECRET not in blob and blob[0] == fmt.XATTR_VERSION
     assert len(blob) == len(SECRET) + fmt.XATTR_OVERHEAD
-    rec = fmt.decode_sidecar(os.getxattr(f"{m.backing}/a", DIR_RECORD_XATTR))
-    sub_rec = fmt.decode_sidecar(os.getxattr(f"{m.backing}/a/sub", DIR_RECORD_XATTR))
+    rec = fmt.decode_sidecar(os.getxattr(a, DIR_RECORD_XATTR))
+    sub_rec = fmt.decode_sidecar(os.getxattr(sub, DIR_RECORD_XATTR))
     assert rec.file_id != sub_rec.file_id  # one key per directory
     # a value moved to another directory does not decrypt there (bound to its key)
-    os.setxattr(f"{m.backing}/a/sub", "user.moved", blob)
+    os.setxattr(sub, m.backing_xattr("user.moved"), blob)
     assert err(os.getxattr, f"{m.mountpoint}/a/sub", "user.moved") == errno.EIO
-    os.removexattr(f"{m.backing}/a/sub", "user.moved")
+    os.removexattr(sub, m.backing_xattr("user.moved"))
     os.rename(f"{m.mountpoint}/a", f"{m.mountpoint}/{'b' * 255}")  # to a long name, too
     m.remount()
     assert os.getxattr(f"{m.mountpoint}/{'b' * 255}", "user.k") == SECRET
     assert os.getxattr(f"{m.mountpoint}/{'b' * 255}/sub", "user.k") == SECRET
 
 
+@both_name_modes
 def test_rewrap_moves_directory_keys_too(encrypted_mount):
     m = encrypted_mount
     os.mkdir(f"{m.mountpoint}/d")
@@ -81,8 +85,9 @@ def test_rewrap_moves_directory_keys_too(encrypted_mount):
                           target, "--json", "--kms-socket", m.kms.socket_path,
                           "--project-id", m.kms.project_id], capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["rewrapped"] == 1
-    rec = fmt.decode_sidecar(os.getxattr(f"{m.backing}/d", DIR_RECORD_XATTR))
+    # the directory's key (and with encrypted names the name key, .encfs/names.key)
+    assert json.loads(res.stdout)["rewrapped"] == 1 + m.encrypted_names
+    rec = fmt.decode_sidecar(os.getxattr(m.backing_path("d"), DIR_RECORD_XATTR))
     assert rec.key_id == target
     m.remount()
     assert os.getxattr(f"{m.mountpoint}/d", "user.k") == SECRET
@@ -116,6 +121,7 @@ def _xattrs(root: str) -> dict[str, dict[str, bytes]]:
     return out
 
 
+@both_name_modes
 def test_rsync_xattrs_round_trip(encrypted_mount):
     m = encrypted_mount
     src, back = short_tempdir("rsync-src-"), short_tempdir("rsync-back-")
@@ -138,7 +144,8 @@ def test_rsync_xattrs_round_trip(encrypted_mount):
         # nothing of ours leaks into the copy, and nothing in the backing dir is clear
         assert all(not a.startswith("user.encfs") for v in _xattrs(f"{back}/tree").values()
                    for a in v)
-        assert os.getxattr(f"{m.backing}/tree/deep", "user.dir") != b"dir 1"
+        assert os.getxattr(m.backing_path("tree/deep"), m.backing_xattr("user.dir")) \
+            != b"dir 1"
     finally:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(back, ignore_errors=True)

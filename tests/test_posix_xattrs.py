@@ -19,15 +19,17 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encfs import format as fmt
-from encfs.pytest_plugin import mount_with_own_kms, python_for_other_uids
+from encfs.pytest_plugin import NAME_MODES, mount_with_own_kms, python_for_other_uids
 
 pytestmark = pytest.mark.fuse
 SUFFIX = fmt.SIDECAR_SUFFIX
 
 
-@pytest.fixture(scope="module")
-def mnt():
-    with mount_with_own_kms("encfs-xattr-", ["-o", "allow_other"], shared=True) as m:
+@pytest.fixture(scope="module", params=NAME_MODES)
+def mnt(request):
+    """One mount per name mode: xattr names are encrypted with encrypted names."""
+    with mount_with_own_kms("encfs-xattr-", ["-o", "allow_other"], shared=True,
+                            names_mode=request.param) as m:
         yield m
 
 
@@ -67,7 +69,7 @@ def touch(path: str, data: bytes = b"content") -> None:
 
 
 def backing_of(mnt, path: str) -> str:
-    return os.path.join(mnt.backing, os.path.relpath(path, mnt.mountpoint))
+    return mnt.backing_path(os.path.relpath(path, mnt.mountpoint))
 
 
 def test_user_xattrs_like_ext4(both):
@@ -107,7 +109,7 @@ def test_user_values_encrypted_in_backing_by_the_spec(both, mnt):
     f = f"{both[1]}/secret"
     touch(f)
     os.setxattr(f, "user.note", b"PLAINTEXT-XATTR-VALUE")
-    raw = os.getxattr(backing_of(mnt, f), "user.note")
+    raw = os.getxattr(backing_of(mnt, f), mnt.backing_xattr("user.note"))
     assert b"PLAINTEXT" not in raw and len(raw) == 21 + fmt.XATTR_OVERHEAD
     # Decrypt with only docs/FORMAT.md and the KMS: version 1 | nonce | ciphertext+tag,
     # AAD = "encfs-xattr" | u16 version | file id | name.
@@ -123,16 +125,19 @@ def test_tampered_or_moved_values_fail_with_eio(both, mnt):
     touch(a)
     touch(b)
     os.setxattr(a, "user.x", b"value of a")
-    raw = os.getxattr(backing_of(mnt, a), "user.x")
-    os.setxattr(backing_of(mnt, a), "user.y", raw)  # moved to another name
-    os.setxattr(backing_of(mnt, b), "user.x", raw)  # moved to another file
+    bx = mnt.backing_xattr
+    raw = os.getxattr(backing_of(mnt, a), bx("user.x"))
+    os.setxattr(backing_of(mnt, a), bx("user.y"), raw)  # moved to another name
+    os.setxattr(backing_of(mnt, b), bx("user.x"), raw)  # moved to another file
     flipped = bytearray(raw)
     flipped[-1] ^= 1
-    os.setxattr(backing_of(mnt, a), "user.z", bytes(flipped))
+    os.setxattr(backing_of(mnt, a), bx("user.z"), bytes(flipped))
     for path, name in ((a, "user.y"), (b, "user.x"), (a, "user.z")):
         assert err(os.getxattr, path, name) == errno.EIO
     assert os.getxattr(a, "user.x") == b"value of a"
-    assert "user.y" in mnt.log() and "xattr" in mnt.log()
+    # logged under its backing name: with encrypted names, not the plaintext one
+    assert f"xattr {bx('user.y')}: " in mnt.log()
+    assert ("xattr user.y: " in mnt.log()) is not mnt.encrypted_names
 
 
 def test_xattrs_follow_links_renames_remount_and_unlinked_files(both, mnt):
