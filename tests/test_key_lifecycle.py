@@ -14,7 +14,7 @@ import pytest
 
 from encfs import format as fmt
 from encfs.keys import check_period
-from encfs.pytest_plugin import short_tempdir, make_mount, start_kms_server
+from encfs.pytest_plugin import both_name_modes, short_tempdir, make_mount, start_kms_server
 
 
 def kms_cli(m, *args) -> str:
@@ -24,11 +24,12 @@ def kms_cli(m, *args) -> str:
     return res.stdout
 
 
+@both_name_modes
 def test_kms_audit_shows_the_unwrap_of_an_opened_file(encrypted_mount):
     m = encrypted_mount
     with open(f"{m.mountpoint}/report.txt", "w") as f:
         f.write("quarterly numbers")
-    rec = fmt.decode_sidecar(open(f"{m.backing}/report.txt.sfskey", "rb").read())
+    rec = fmt.decode_sidecar(open(m.backing_path("report.txt.sfskey"), "rb").read())
     m.remount()  # the next open must unwrap at the KMS
     assert open(f"{m.mountpoint}/report.txt").read() == "quarterly numbers"
     records = json.loads(kms_cli(m, "--json", "audit", "--aad", rec.file_id.hex()))["records"]
@@ -39,7 +40,9 @@ def test_kms_audit_shows_the_unwrap_of_an_opened_file(encrypted_mount):
     # ...and the file id maps back to the path.
     found = subprocess.run([sys.executable, "-m", "encfs", "inspect", "--file-id",
                             rec.file_id.hex(), m.mountpoint], capture_output=True, text=True)
-    assert found.stdout.split() == [os.path.join(m.backing, "report.txt")]
+    # (with encrypted names inspect shows the plaintext path beside the backing one)
+    assert found.stdout.split() == [m.backing_path("report.txt")] + (
+        ["(/report.txt)"] if m.encrypted_names else [])
     table = kms_cli(m, "audit", "--key", m.key_id)
     assert rec.file_id.hex() in table and "decrypt-datakey" in table
 
@@ -52,16 +55,18 @@ WITHIN = 10 * (GRACE + check_period(GRACE))
 
 
 @pytest.fixture
-def revocable(request):
+def revocable(names_mode):
     """A KMS with a test clock, and a mount whose new files use a customer key with a
-    short grace period (default keys can never be disabled)."""
+    short grace period (default keys can never be disabled). With encrypted names the
+    name key is made under that key too: revoking it hides the names as well."""
     work = short_tempdir("encfs-keys-")
     clock = f"{work}/clock"
     kms = start_kms_server(f"{work}/kms", extra_args=["--test-clock-file", clock])
     m = None
     try:
         kms.client.create_key("tenant")
-        m = make_mount(kms, work, key="tenant", extra_args=["--key-cache-ttl", str(GRACE)])
+        m = make_mount(kms, work, key="tenant", extra_args=["--key-cache-ttl", str(GRACE)],
+                       names_mode=names_mode)
         m.clock = clock
         yield m
     finally:
@@ -104,6 +109,7 @@ def fresh_read(path: str) -> bytes:
 
 
 @pytest.mark.fuse
+@both_name_modes
 def test_disable_then_enable_key_without_remount(revocable):
     m = revocable
     c = m.kms.client
@@ -130,6 +136,7 @@ def test_disable_then_enable_key_without_remount(revocable):
 
 
 @pytest.mark.fuse
+@both_name_modes
 def test_schedule_then_cancel_deletion(revocable):
     m = revocable
     c = m.kms.client
@@ -146,6 +153,7 @@ def test_schedule_then_cancel_deletion(revocable):
 
 
 @pytest.mark.fuse
+@both_name_modes
 def test_destroyed_key_makes_data_permanently_unreadable(revocable):
     m = revocable
     c = m.kms.client
@@ -161,12 +169,17 @@ def test_destroyed_key_makes_data_permanently_unreadable(revocable):
     m.unmount()
     res = subprocess.run([sys.executable, "-m", "encfs", "fsck", m.backing, "--json",
                           "--kms-socket", m.kms.socket_path], capture_output=True, text=True)
+    if m.encrypted_names:  # the name key went with the CMK: no name can be read, none checked
+        assert res.returncode == 8, res.stdout + res.stderr
+        assert "cannot unwrap the name key" in res.stderr and "KMS.0207" in res.stderr, res.stderr
+        return
     assert res.returncode == 4
     [problem] = json.loads(res.stdout)["problems"]
     # The error code, not the KMS's wording (which changed: "destroyed" -> "deleted at").
     assert problem["kind"] == "key-unusable" and "KMS.0207" in problem["detail"], problem
 
 
+@both_name_modes
 def test_directory_carries_its_own_key(encrypted_mount):
     """`user.encfs.key` on a directory picks the CMK for new files below it."""
     m = encrypted_mount
@@ -179,7 +192,7 @@ def test_directory_carries_its_own_key(encrypted_mount):
         open(f"{m.mountpoint}/{rel}", "w").write(rel)
 
     def cmk(rel):
-        return fmt.decode_sidecar(open(f"{m.backing}/{rel}.sfskey", "rb").read()).key_id
+        return fmt.decode_sidecar(open(m.backing_path(f"{rel}.sfskey"), "rb").read()).key_id
     assert cmk("tenants/x/a") == cmk("tenants/x/deep/b") == tenant
     assert cmk("tenants/other") == cmk("top") == m.key_id
     # A subtree moved elsewhere keeps its own key; files keep theirs whatever the key.

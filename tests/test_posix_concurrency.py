@@ -2,7 +2,9 @@
 
 Each test runs on a default mount (writeback cache: the kernel sends dirty pages in
 parallel) and on a --shared-backing mount (no writeback cache: every write reaches encfs
-as the process made it, so unaligned writes to one block race in encfs itself).
+as the process made it, so unaligned writes to one block race in encfs itself). The
+directory tests run with encrypted names too (both ways): the name layer is what they
+race; the content tests do not depend on it.
 """
 
 from __future__ import annotations
@@ -22,12 +24,21 @@ PY = python_for_other_uids()  # other uids may not reach our venv's interpreter
 UIDS = (65534, 4242)
 
 
-@pytest.fixture(scope="module", params=["default", "shared-backing"])
+CONTENT_MOUNTS = ["default", "shared-backing"]
+NAME_MOUNTS = [*CONTENT_MOUNTS, "encrypted-names", "shared-backing+encrypted-names"]
+content_mounts = pytest.mark.parametrize("mnt", CONTENT_MOUNTS, indirect=True)
+name_mounts = pytest.mark.parametrize("mnt", NAME_MOUNTS, indirect=True)
+
+
+@pytest.fixture(scope="module")
 def mnt(request):
+    """A mount of the kind the test's parameter names ("+"-joined options)."""
     extra = ["-o", "allow_other"]
-    if request.param == "shared-backing":
+    kinds = request.param.split("+")
+    if "shared-backing" in kinds:
         extra.append("--shared-backing")
-    with mount_with_own_kms("encfs-conc-", extra, shared=True) as m:
+    names_mode = "encrypted-names" if "encrypted-names" in kinds else "plain-names"
+    with mount_with_own_kms("encfs-conc-", extra, shared=True, names_mode=names_mode) as m:
         yield m
 
 
@@ -84,6 +95,7 @@ for _ in range(loops):
 """
 
 
+@content_mounts
 def test_unaligned_writes_to_one_file_lose_nothing(d):
     """Four writers own interleaved 1000-byte stripes: every 4 KiB block is shared by
     several writers, so a read-modify-write that interleaved would lose someone's bytes."""
@@ -111,6 +123,7 @@ os.close(fd)
 """
 
 
+@content_mounts
 def test_concurrent_o_append_keeps_every_record(d):
     path = f"{d}/log"
     open(path, "wb").close()
@@ -150,6 +163,7 @@ for r in range(rounds):
 """
 
 
+@name_mounts
 def test_processes_share_one_directory(d):
     rounds = 60
     wait_all([spawn(DIR_WORKER, d, str(k), str(rounds)) for k in range(4)])
@@ -189,6 +203,7 @@ print(os.getuid(), os.getgid())
 """
 
 
+@name_mounts
 def test_two_uids_create_and_delete_in_one_directory(d, mnt):
     """Ownership is set with fchown/lchown per object, never by switching the daemon's
     uid (which, in Python, would switch every thread at once)."""
@@ -197,13 +212,13 @@ def test_two_uids_create_and_delete_in_one_directory(d, mnt):
     assert [o.split() for o in outs] == [[str(u), str(u)] for u in UIDS]
     names = os.listdir(d)
     assert len(names) == 2 * 4 * count // 2
-    bdir = os.path.join(mnt.backing, os.path.basename(d))
+    bdir = os.path.basename(d)
     for name in names:
         uid = int(name[1:].split("-")[0])
         assert os.lstat(f"{d}/{name}").st_uid == uid
-        assert os.lstat(f"{bdir}/{name}").st_uid == uid
+        assert os.lstat(mnt.backing_path(f"{bdir}/{name}")).st_uid == uid
         if name.endswith(".f"):
-            assert os.stat(f"{bdir}/{name}{fmt.SIDECAR_SUFFIX}").st_uid == uid
+            assert os.stat(mnt.backing_path(f"{bdir}/{name}{fmt.SIDECAR_SUFFIX}")).st_uid == uid
     # The daemon itself still runs as root.
     with open(f"/proc/{mnt.process.pid}/status") as f:
         assert any(line.split()[1:] == ["0"] * 4 for line in f if line.startswith("Uid:"))
