@@ -23,7 +23,7 @@ import time
 import pytest
 
 from encfs import names as bk_names
-from encfs.pytest_plugin import short_tempdir, make_mount
+from encfs.pytest_plugin import NAME_MODES, short_tempdir, make_mount
 from crash_workload import STOPPED_BY_ERROR
 
 RUNS = int(os.environ.get("ENCFS_CRASH_RUNS", "30"))
@@ -134,8 +134,8 @@ def run_fsck(m, log_path: str | None = None) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
 
 
-def start_workload(mnt: str, log_path: str, seed: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, WORKLOAD, mnt, log_path, str(seed)],
+def start_workload(mnt: str, log_path: str, seed: int, kind: str = "mixed") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WORKLOAD, mnt, log_path, str(seed), kind],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -169,22 +169,27 @@ def assert_stopped_by(proc: subprocess.Popen, errnos: set[int], killed_at: float
     assert last["at"] >= killed_at, f"workload stopped by {last} before the kill"
 
 
-@pytest.mark.fuse
-def test_sigkill_filesystem_at_random_moments(kms_server):
-    for seed in range(RUNS):
+def sigkill_daemon_runs(kms_server, names_mode: str, seeds: range, kind: str,
+                        steps: tuple[int, int], check_log=None) -> None:
+    """Per seed: a fresh mount in ``names_mode``, the workload ``kind``, a SIGKILL of the
+    daemon once a seeded number of steps (within ``steps``) were begun, then the checks
+    after recovery (``check_log(log_path)`` first, on the log of what was done)."""
+    for seed in seeds:
         work = short_tempdir("encfs-crash-")
         log_path = os.path.join(work, "steps.jsonl")
-        m = make_mount(kms_server, work)
+        m = make_mount(kms_server, work, names_mode=names_mode)
         proc = None
         try:
-            proc = start_workload(m.mountpoint, log_path, seed)
-            wait_for_steps(proc, log_path, random.Random(seed).randint(8, 80))
+            proc = start_workload(m.mountpoint, log_path, seed, kind)
+            wait_for_steps(proc, log_path, random.Random(seed).randint(*steps))
             killed_at = time.monotonic()
             m.process.kill()  # SIGKILL the filesystem daemon mid-workload
             m.process.wait()
             # A dead FUSE daemon: ENOTCONN for new requests, ECONNABORTED for pending ones,
             # EIO for an fsync or close whose writeback of cached pages it cut off.
             assert_stopped_by(proc, {errno.ENOTCONN, errno.ECONNABORTED, errno.EIO}, killed_at)
+            if check_log is not None:
+                check_log(log_path)
             m.unmount()
             m.mount()  # recovery
             assert check_after_crash(m.mountpoint, log_path) > 0, "nothing was verified"
@@ -201,6 +206,16 @@ def test_sigkill_filesystem_at_random_moments(kms_server):
                 proc.wait()
             m.unmount()
             shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("names_mode", NAME_MODES)
+def test_sigkill_filesystem_at_random_moments(kms_server, names_mode):
+    """The content workload in each name mode; the RUNS seeds are shared out between the
+    two (what the name layer adds to a crash, the long/short renames, is
+    tests/test_crash_long_names.py's), so the test costs what it did in one mode."""
+    sigkill_daemon_runs(kms_server, names_mode, range(NAME_MODES.index(names_mode), RUNS, 2),
+                        "mixed", (8, 80))
 
 
 @pytest.mark.fuse
