@@ -93,13 +93,29 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait(timeout)
 
 
-def run_as_uid(uid: int, fn: Callable[[], Any]) -> tuple[str, Any]:
-    """Call ``fn()`` in a forked child that has become ``uid`` (gid = uid, no other groups).
+@dataclass
+class UidChild:
+    """A forked child running a function as another uid (`start_as_uid`)."""
+
+    pid: int
+    fd: int  # the read end of the pipe its result comes through
+
+    def result(self) -> tuple[str, Any]:
+        """Wait for the child; its result as `run_as_uid` gives it."""
+        data = b""
+        while chunk := os.read(self.fd, 65536):
+            data += chunk
+        os.close(self.fd)
+        os.waitpid(self.pid, 0)
+        return pickle.loads(data)
+
+
+def start_as_uid(uid: int, fn: Callable[[], Any]) -> UidChild:
+    """Start ``fn()`` in a forked child that has become ``uid`` (gid = uid, no other
+    groups); several may run at once. ``.result()`` waits for it.
 
     A fork after import rather than a new interpreter: the venv may live where that uid
-    cannot read. Returns ("ok", value), ("errno", n) for an OSError, ("kms", (status,
-    code, message)) for a KmsError, or ("exc", repr) for anything else.
-    """
+    cannot read."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -120,12 +136,16 @@ def run_as_uid(uid: int, fn: Callable[[], Any]) -> tuple[str, Any]:
         finally:
             os._exit(0)
     os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
+    return UidChild(pid, r)
+
+
+def run_as_uid(uid: int, fn: Callable[[], Any]) -> tuple[str, Any]:
+    """Call ``fn()`` as ``uid`` in a forked child (`start_as_uid`) and wait for it.
+
+    Returns ("ok", value), ("errno", n) for an OSError, ("kms", (status, code, message))
+    for a KmsError, or ("exc", repr) for anything else.
+    """
+    return start_as_uid(uid, fn).result()
 
 
 @dataclass

@@ -11,13 +11,13 @@ other uids; every call must succeed and every new object must belong to its crea
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 from collections import Counter
 
 import pytest
 
-from encfs.pytest_plugin import NAME_MODES, make_mount, names_args, short_tempdir, start_kms_server
+from encfs.pytest_plugin import (NAME_MODES, make_mount, names_args, short_tempdir,
+                                 start_as_uid, start_kms_server)
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")]
@@ -76,37 +76,6 @@ def _churn(top: str, tag: str, uid: int, iterations: int) -> tuple[Counter, list
     return failed, detail
 
 
-def _spawn(uid: int, fn) -> tuple[int, int]:
-    """Start fn() in a child that has become ``uid``; returns (pid, read end)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            if uid:
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-            try:
-                result = ("ok", fn())
-            except BaseException as e:  # noqa: BLE001 - reported to the parent
-                result = ("exc", repr(e))
-            os.write(w, pickle.dumps(result))
-        finally:
-            os._exit(0)
-    os.close(w)
-    return pid, r
-
-
-def _collect(pid: int, r: int):
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
-
-
 def run_churn(mnt: str, iterations: int = ITERATIONS) -> tuple[Counter, list[str]]:
     """Two processes per uid: one in a directory of its own, one in a shared one."""
     shared = os.path.join(mnt, "shared")
@@ -117,12 +86,12 @@ def run_churn(mnt: str, iterations: int = ITERATIONS) -> tuple[Counter, list[str
         own = os.path.join(mnt, f"own-{uid}")
         os.mkdir(own)
         os.chown(own, uid, uid)
-        jobs.append(_spawn(uid, lambda own=own, uid=uid: _churn(own, "w", uid, iterations)))
-        jobs.append(_spawn(uid, lambda uid=uid: _churn(shared, f"u{uid}", uid, iterations)))
+        jobs.append(start_as_uid(uid, lambda own=own, uid=uid: _churn(own, "w", uid, iterations)))
+        jobs.append(start_as_uid(uid, lambda uid=uid: _churn(shared, f"u{uid}", uid, iterations)))
     total: Counter = Counter()
     details: list[str] = []
-    for pid, r in jobs:
-        kind, value = _collect(pid, r)
+    for job in jobs:
+        kind, value = job.result()
         assert kind == "ok", value
         total.update(value[0])
         details += value[1]

@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -32,19 +31,13 @@ from encfs.pytest_plugin import EncryptedMount, KmsServer, short_tempdir, start_
 from kms import blob, certs
 from kms.client import KmsClient, KmsError, KmsExtensionUnsupported
 
+from huawei_sdk import free_port, sdk_client
+
 PROJECT = "0123456789abcdef0123456789abcdef"
 AK, SK = "STRICTAK0123456789AB", "strict-secret-key-0123456789"
 BOB_AK, BOB_SK = "BOBAK0123456789ABCDE", "bob-secret-key-0123456789"
 S = fmt.SIDECAR_SUFFIX
 GRACE = 1.0
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -106,7 +99,7 @@ def strict() -> Iterator[Strict]:
     creds = write_credentials(f"{work}/credentials.csv")
     res = run("kms", "make-cert", "--dir", f"{work}/certs", "--host", "127.0.0.1", "--host", "localhost")
     assert res.returncode == 0 and "made a new CA" in res.stdout, res.stderr
-    port = _free_port()
+    port = free_port()
     kms = tls_kms(f"{work}/kms", creds, f"{work}/certs/server.pem", f"{work}/certs/server.key", port)
     try:
         yield Strict(kms, work, port, creds, f"{work}/certs")
@@ -385,21 +378,13 @@ def test_mount_over_tls_with_aksk_and_tools_follow_it(strict):
 
 
 def test_huawei_sdk_over_https(strict):
-    pytest.importorskip("huaweicloudsdkkms")
-    from huaweicloudsdkcore.auth.credentials import BasicCredentials
     from huaweicloudsdkcore.exceptions.exceptions import SdkException
-    from huaweicloudsdkcore.http.http_config import HttpConfig
     from huaweicloudsdkkms.v2 import (CreateDatakeyRequest, CreateDatakeyRequestBody, CreateKeyRequest,
                                       CreateKeyRequestBody, DecryptDatakeyRequest, DecryptDatakeyRequestBody,
-                                      KmsClient as SdkClient, ListKeysRequest, ListKeysRequestBody)
+                                      ListKeysRequest, ListKeysRequestBody)
 
     def sdk(ca: str | None):
-        config = HttpConfig.get_default_config()
-        config.timeout = (5, 10)
-        if ca:
-            config.ssl_ca_cert = ca
-        return (SdkClient.new_builder().with_http_config(config)
-                .with_credentials(BasicCredentials(AK, SK, PROJECT)).with_endpoints([strict.url]).build())
+        return sdk_client(strict.url, AK, SK, PROJECT, ca=ca or None, timeout=(5, 10))
 
     client = sdk(strict.ca)
     kid = client.create_key(CreateKeyRequest(body=CreateKeyRequestBody(key_alias="sdk/https"))).key_info.key_id
@@ -433,7 +418,7 @@ def bad_tls(strict):
                 with open(f"{d}/{fname}", "wb") as f:
                     f.write(data)
             os.chmod(f"{d}/server.key", 0o600)
-            port = _free_port()
+            port = free_port()
             servers[name] = (tls_kms(f"{d}/kms", strict.creds, f"{d}/server.pem", f"{d}/server.key", port),
                              f"https://127.0.0.1:{port}")
         yield {name: url for name, (_, url) in servers.items()}
@@ -478,13 +463,13 @@ def test_every_tls_mistake_is_one_clear_line(strict, bad_tls):
 def test_serve_refuses_plain_http_off_loopback_and_bad_cert_files(strict):
     sock = f"{strict.work}/refused.sock"
     data = f"{strict.work}/refused-data"
-    res = run("kms", "serve", "--socket", sock, "--data-dir", data, "--listen", f"0.0.0.0:{_free_port()}",
+    res = run("kms", "serve", "--socket", sock, "--data-dir", data, "--listen", f"0.0.0.0:{free_port()}",
               "--credentials", strict.creds, timeout=30)
     assert res.returncode == 2 and "refusing plain HTTP" in one_line(res)
     garbage = f"{strict.work}/garbage.pem"
     with open(garbage, "w") as f:
         f.write("not a certificate\n")
-    res = run("kms", "serve", "--socket", sock, "--data-dir", data, "--listen", f"127.0.0.1:{_free_port()}",
+    res = run("kms", "serve", "--socket", sock, "--data-dir", data, "--listen", f"127.0.0.1:{free_port()}",
               "--credentials", strict.creds, "--tls-cert", garbage, "--tls-key", garbage, timeout=30)
     assert res.returncode == 2 and "cannot use --tls-cert" in one_line(res)
     assert not os.path.exists(sock)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import trio
 
 from encfs.pytest_plugin import short_tempdir, start_kms_server
+from huawei_sdk import free_port
 from kms import auth
 from kms.cli import main
 from kms.client import AsyncKmsClient, KmsClient, KmsError, KmsUnavailable
@@ -19,14 +19,6 @@ from kms.client import AsyncKmsClient, KmsClient, KmsError, KmsUnavailable
 AK, SK = "REMOTEAK0123456789AB", "remote-secret-key-0123456789"
 PROJECT = "fedcba9876543210fedcba9876543210"
 FILE_ID = "0123456789abcdef0123456789abcdef"
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def write_credentials(path: str, rows: list[tuple[str, str, str]], mode: int = 0o600) -> str:
@@ -42,7 +34,7 @@ def write_credentials(path: str, rows: list[tuple[str, str, str]], mode: int = 0
 def remote():
     workdir = short_tempdir("kms-remote-")
     creds = write_credentials(os.path.join(workdir, "credentials.csv"), [("remoteuser", AK, SK)])
-    port = _free_port()
+    port = free_port()
     server = start_kms_server(workdir, project_id=PROJECT,
                               extra_args=["--listen", f"127.0.0.1:{port}", "--credentials", creds])
     try:
@@ -159,7 +151,7 @@ def test_constructor_checks():
 
 def test_unavailable_names_the_url(remote):
     _server, url, _creds = remote
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(KmsUnavailable) as e:
         KmsClient(url=closed, ak=AK, sk=SK, timeout=5).call("list-keys", {})
     assert closed in str(e.value) and e.value.url == closed and e.value.status is None

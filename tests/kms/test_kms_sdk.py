@@ -6,17 +6,16 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import urllib.error
 import urllib.request
 
 import pytest
 
 from encfs.pytest_plugin import short_tempdir, start_kms_server
+from huawei_sdk import free_port, sdk_client
 
 # A test dependency the Makefile installs: imported unconditionally, so a failed install
 # fails the suite instead of skipping the Huawei compatibility layer.
-from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkkms.v2 import (
     CancelGrantRequest, CancelKeyDeletionRequest, CreateDatakeyRequest, CreateDatakeyRequestBody,
@@ -33,14 +32,6 @@ AK, SK = "TESTAK0123456789ABCD", "test-secret-key-0123456789"
 PROJECT = "0123456789abcdef0123456789abcdef"
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def tcp_kms():
     workdir = short_tempdir("kms-sdk-")
@@ -48,7 +39,7 @@ def tcp_kms():
     with open(creds, "w") as f:
         f.write(f"User Name,Access Key Id,Secret Access Key\nsdkuser,{AK},{SK}\n")
     os.chmod(creds, 0o600)
-    port = _free_port()
+    port = free_port()
     server = start_kms_server(workdir, project_id=PROJECT,
                               extra_args=["--listen", f"127.0.0.1:{port}", "--credentials", creds])
     try:
@@ -59,8 +50,7 @@ def tcp_kms():
 
 
 def sdk(port, ak=AK, sk=SK, project=PROJECT) -> KmsClient:
-    return (KmsClient.new_builder().with_credentials(BasicCredentials(ak, sk, project))
-            .with_endpoints([f"http://127.0.0.1:{port}"]).build())
+    return sdk_client(f"http://127.0.0.1:{port}", ak, sk, project)
 
 
 def expect_error(fn, code, status=400):

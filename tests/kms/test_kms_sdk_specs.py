@@ -10,18 +10,17 @@ import base64
 import hashlib
 import os
 import shutil
-import socket
 import time
 
 import pytest
 
 from encfs.pytest_plugin import short_tempdir, start_kms_server
+from huawei_sdk import free_port, sdk_client  # noqa: E402
 
 # The SDK is a test dependency the Makefile installs: imported unconditionally (a failed
 # install fails the suite instead of skipping it; docs/TESTING.md).
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, padding  # noqa: E402
-from huaweicloudsdkcore.auth.credentials import BasicCredentials  # noqa: E402
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException  # noqa: E402
 from huaweicloudsdkkms.v2 import (  # noqa: E402
     AssociateAliasRequest, AssociateAliasRequestBody, BatchCreateKmsTagsRequest, BatchCreateKmsTagsRequestBody,
@@ -55,14 +54,6 @@ SIGNING = {
 HASH = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def tcp_kms():
     workdir = short_tempdir("kms-sdks-")
@@ -73,7 +64,7 @@ def tcp_kms():
             f.write(f"{name},{ak},{sk}\n")
     os.chmod(creds, 0o600)
     clock = os.path.join(workdir, "clock")
-    port = _free_port()
+    port = free_port()
     server = start_kms_server(workdir, project_id=PROJECT,
                               extra_args=["--listen", f"127.0.0.1:{port}", "--credentials", creds,
                                           "--test-clock-file", clock])
@@ -86,8 +77,7 @@ def tcp_kms():
 
 def sdk(port, user="alice") -> KmsClient:
     ak, sk = USERS[user]
-    return (KmsClient.new_builder().with_credentials(BasicCredentials(ak, sk, PROJECT))
-            .with_endpoints([f"http://127.0.0.1:{port}"]).build())
+    return sdk_client(f"http://127.0.0.1:{port}", ak, sk, PROJECT)
 
 
 def expect_error(fn, code, status=400):
