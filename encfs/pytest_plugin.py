@@ -241,6 +241,20 @@ def _in_mount_table(mountpoint: str) -> bool:
         return any(line.split()[1] == mountpoint for line in f)
 
 
+def backing_path_of(backing: str, rel: str, cipher: NameCipher | None) -> str:
+    """The backing path of plaintext ``rel`` in backing dir ``backing``, each component
+    through the name layer (long names hashed; with ``cipher``, names encrypted). A last
+    component ``NAME.sfskey`` means NAME's sidecar, as tests always used it; the control
+    dir (``.encfs/...``) is itself in both modes."""
+    from . import names as nm
+    if rel.split("/")[0] == ".encfs":
+        return os.path.join(backing, rel)
+    rel_b, suffix = os.fsencode(rel), b""
+    if rel_b.endswith(nm.SIDECAR_SUFFIX):
+        rel_b, suffix = rel_b[:-len(nm.SIDECAR_SUFFIX)], nm.SIDECAR_SUFFIX
+    return os.fsdecode(nm.backing_path(os.fsencode(backing), rel_b, cipher) + suffix)
+
+
 @dataclass
 class EncryptedMount:
     """An encfs mount in a subprocess: ``mountpoint`` (plaintext), ``backing`` (ciphertext)."""
@@ -303,18 +317,9 @@ class EncryptedMount:
         self.mount()
 
     def backing_path(self, rel: str) -> str:
-        """The backing path of plaintext ``rel``, each component through the name layer
-        (long names hashed; with encrypted names, the name key unwrapped by this mount's
-        KMS). A last component ``NAME.sfskey`` means NAME's sidecar, as tests always
-        used it; the control dir (``.encfs/...``) is itself in both modes."""
-        from . import names as nm
-        if rel.split("/")[0] == ".encfs":
-            return os.path.join(self.backing, rel)
-        root = os.fsencode(self.backing)
-        rel_b, suffix = os.fsencode(rel), b""
-        if rel_b.endswith(nm.SIDECAR_SUFFIX):
-            rel_b, suffix = rel_b[:-len(nm.SIDECAR_SUFFIX)], nm.SIDECAR_SUFFIX
-        return os.fsdecode(nm.backing_path(root, rel_b, self.name_cipher()) + suffix)
+        """The backing path of plaintext ``rel`` (`backing_path_of`), with encrypted names
+        through the name key unwrapped by this mount's KMS."""
+        return backing_path_of(self.backing, rel, self.name_cipher())
 
     def backing_rel(self, rel: str) -> str:
         """`backing_path` relative to the backing dir (what a listing of it shows)."""

@@ -17,8 +17,11 @@ import time
 import pytest
 
 from encfs import format as fmt
-from encfs.keys import check_period
-from encfs.pytest_plugin import short_tempdir, run_as_uid, start_kms_server
+from encfs.keys import check_period, file_aad
+from encfs import namekey
+from encfs.namecrypt import NameCipher
+from encfs.pytest_plugin import (NAME_MODES, backing_path_of, names_args, run_as_uid,
+                                 short_tempdir, start_kms_server)
 from kms.client import KmsClient
 
 A, B = 4242, 4243
@@ -58,11 +61,22 @@ def shared():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def mount(kms, backing, mnt, uid, key_id) -> subprocess.CompletedProcess:
+def mount(kms, backing, mnt, uid, key_id, names_mode: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "encfs", "mount", backing, mnt,
                            "--kms-socket", kms.socket_path, "--key", key_id, "--user", str(uid),
-                           "--key-cache-ttl", str(GRACE)],
+                           "--key-cache-ttl", str(GRACE), *names_args(names_mode)],
                           capture_output=True, text=True, timeout=60)
+
+
+def backing_of(kms, backing: str, rel: str, uid: int) -> str:
+    """The backing path of plaintext ``rel``; with encrypted names, through the name key
+    unwrapped as ``uid`` (it is a data key of A's CMK: root may not use it)."""
+    rec = namekey.read_record(os.fsencode(backing))
+    cipher = None
+    if rec is not None:
+        cipher = NameCipher(as_uid(uid, lambda: KmsClient(kms.socket_path).decrypt_datakey(
+            rec.key_id, rec.cipher_text, aad=file_aad(rec.file_id), length_bytes=rec.dek_bytes)))
+    return backing_path_of(backing, rel, cipher)
 
 
 def umount(mnt) -> None:
@@ -92,26 +106,29 @@ def wait_errno(fn, expected, within):
 
 
 @pytest.mark.fuse
-def test_second_user_needs_a_grant(shared):
+@pytest.mark.parametrize("names_mode", NAME_MODES)
+def test_second_user_needs_a_grant(shared, names_mode):
+    """In both name modes: with encrypted names the name key is a data key of A's CMK
+    too, so B's grant (or its revocation) decides about the names as about contents."""
     kms, backing, mnt = shared
     sock = kms.socket_path
     key_a = as_uid(A, lambda: KmsClient(sock).create_key("a-data")["key_id"])
 
     # User A fills the backing dir through its own mount.
-    res = mount(kms, backing, mnt, A, key_a)
+    res = mount(kms, backing, mnt, A, key_a, names_mode)
     assert res.returncode == 0, res.stderr
     assert daemon_euid(mnt) == A
     with open(f"{mnt}/a-file", "w") as f:
         f.write("written by A")
-    assert os.stat(f"{backing}/a-file").st_uid == A
+    assert os.stat(backing_of(kms, backing, "a-file", A)).st_uid == A
     umount(mnt)
 
     # Without a grant, B cannot use A's key: the mount is refused with the KMS's word.
-    res = mount(kms, backing, mnt, B, key_a)
+    res = mount(kms, backing, mnt, B, key_a, names_mode)
     assert res.returncode == 1 and "KMS.0306" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     # Not even with the backing dir world-readable: the wrapped DEK is useless to B.
-    rec = fmt.decode_sidecar(open(f"{backing}/a-file.sfskey", "rb").read())
+    rec = fmt.decode_sidecar(open(backing_of(kms, backing, "a-file.sfskey", A), "rb").read())
     with pytest.raises(RuntimeError, match="KMS.0306"):
         as_uid(B, lambda: KmsClient(sock).decrypt_datakey(rec.key_id, rec.cipher_text,
                                                           aad=rec.file_id.hex()))
@@ -119,14 +136,14 @@ def test_second_user_needs_a_grant(shared):
     grant = as_uid(A, lambda: KmsClient(sock).call("create-grant", {
         "key_id": key_a, "grantee_principal": str(B),
         "operations": ["describe-key", "create-datakey", "decrypt-datakey"]})["grant_id"])
-    res = mount(kms, backing, mnt, B, key_a)
+    res = mount(kms, backing, mnt, B, key_a, names_mode)
     assert res.returncode == 0, res.stderr
     assert daemon_euid(mnt) == B
     assert open(f"{mnt}/a-file").read() == "written by A"
     with open(f"{mnt}/b-file", "w") as f:
         f.write("written by B")
-    b_rec = fmt.decode_sidecar(open(f"{backing}/b-file.sfskey", "rb").read())
-    assert b_rec.key_id == key_a and os.stat(f"{backing}/b-file").st_uid == B
+    b_rec = fmt.decode_sidecar(open(backing_of(kms, backing, "b-file.sfskey", B), "rb").read())
+    assert b_rec.key_id == key_a and os.stat(backing_of(kms, backing, "b-file", B)).st_uid == B
 
     # A revokes the grant: B's mount loses access within the grace period.
     as_uid(A, lambda: KmsClient(sock).call("revoke-grant",
@@ -138,7 +155,7 @@ def test_second_user_needs_a_grant(shared):
     as_uid(A, lambda: KmsClient(sock).call("create-grant", {
         "key_id": key_a, "grantee_principal": str(B),
         "operations": ["describe-key", "decrypt-datakey"]}))
-    res = mount(kms, backing, mnt, B, key_a)
+    res = mount(kms, backing, mnt, B, key_a, names_mode)
     assert res.returncode == 0, res.stderr
     assert open(f"{mnt}/a-file").read() == "written by A"
     assert open(f"{mnt}/b-file").read() == "written by B"
