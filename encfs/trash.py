@@ -9,8 +9,9 @@ dir's ``tmp/`` (the name is gone from the user's directory at once, atomically, 
 the thread got to it leaves a file in ``tmp/``, which the next mount removes (as every
 leftover there, `journal_replay.recover`); a clean unmount waits for the thread to finish.
 
-Only for files whose removal frees blocks: a regular file with blocks, its last link, not
-held open (an open file keeps its blocks until its last close anyway).
+Only for what frees blocks when removed: a regular file with blocks, its last link, not
+held open (an open file keeps its blocks until its last close anyway), and empty
+directories (their block; `EncFS.rmdir` checks the emptiness first).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class Trash:
         self._thread.start()
 
     @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
     def pending(self) -> int:
         """Files moved here and not yet freed (or being freed)."""
         return len(self._queue) + self._freeing.locked()
@@ -120,7 +125,10 @@ class Trash:
 
 def _unlink(path: bytes) -> None:
     try:
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except IsADirectoryError:  # an empty directory (`EncFS.rmdir`)
+            os.rmdir(path)
     except FileNotFoundError:
         pass
     except OSError as e:  # left for the next mount's cleanup of tmp/

@@ -182,6 +182,24 @@ def test_a_removed_files_blocks_are_freed_in_the_background(run_ops):
         assert not [n for n in os.listdir(tmp) if n.startswith(b"d-")]
         assert sorted(n for n in os.listdir(backing) if not n.startswith(b".")) == \
             [b"other", b"other.sfskey"]
+        # Directories: emptiness checked first; orphan sidecars do not count.
+        for d in (b"empty", b"full", b"orphans"):
+            await ops.mkdir(ROOT, d, 0o755, CTX)
+        full = (await ops.lookup(ROOT, b"full", CTX)).st_ino
+        await ops.release((await ops.create(full, b"x", 0o644, os.O_RDWR, CTX))[0].fh)
+        open(os.path.join(backing, b"orphans", b"gone.sfskey"), "wb").write(b"k")
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.rmdir(ROOT, b"full", CTX)
+        assert e.value.errno == errno.ENOTEMPTY
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.rmdir(ROOT, b"other", CTX)
+        assert e.value.errno == errno.ENOTDIR
+        for d in (b"empty", b"orphans"):
+            await ops.rmdir(ROOT, d, CTX)
+            assert not os.path.lexists(os.path.join(backing, d))
+        ops.trash.stop()
+        assert not [n for n in os.listdir(tmp) if n.startswith(b"d-")]
+        assert os.path.isdir(os.path.join(backing, b"full"))
     run_ops(body)
 
 
