@@ -17,6 +17,7 @@ directories (their block; `EncFS.rmdir` checks the emptiness first).
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import secrets
@@ -83,12 +84,18 @@ class Trash:
 
     def put(self, path: bytes) -> bool:
         """Take ``path`` out of its directory now and free it in the background. False
-        when the trash is not running (the caller unlinks). OSError of the rename (the
-        file is then where it was) passes through."""
+        when the trash is not running, or ``path`` is on another mount inside the backing
+        dir (EXDEV): the caller removes it. Other OSError of the rename (the file is then
+        where it was) passes through."""
         if self._thread is None:
             return False
         dest = os.path.join(self.directory, TRASH_PREFIX + secrets.token_hex(8).encode())
-        os.rename(path, dest)
+        try:
+            os.rename(path, dest)
+        except OSError as e:
+            if e.errno == errno.EXDEV:
+                return False
+            raise
         self._queue.append(dest)
         self.moved += 1
         self._wanted.set()

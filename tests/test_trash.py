@@ -1,5 +1,6 @@
 """Removed files freed by a background thread (encfs/trash.py), without FUSE."""
 
+import errno
 import os
 
 from encfs.trash import TRASH_PREFIX, Trash, discards
@@ -61,3 +62,22 @@ def test_leftovers_of_a_killed_daemon_are_trash_names_in_tmp(tmp_path):
     assert trash.put(bytes(tmp_path / "f"))
     [left] = os.listdir(tmp)
     assert left.encode().startswith(TRASH_PREFIX) and trash.pending == 1
+
+
+def test_a_file_on_another_filesystem_is_left_to_the_caller(tmp_path, monkeypatch):
+    """A mount inside the backing dir: the rename is EXDEV, and the caller unlinks (the
+    rename's answer stood in for: a unit of the branch, not of the kernel)."""
+    import encfs.trash as t
+    trash = Trash(bytes(tmp_path))
+    trash.start()
+    (tmp_path / "f").write_bytes(b"x")
+
+    def exdev(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(t.os, "rename", exdev)
+    try:
+        assert not trash.put(bytes(tmp_path / "f"))
+    finally:
+        monkeypatch.undo()
+        trash.stop()
+    assert (tmp_path / "f").exists() and trash.moved == 0
