@@ -37,6 +37,7 @@ from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
 from .reqstats import RequestStats
 from .spares import SparePool
+from .trash import Trash, backing_discards
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +129,25 @@ def _fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-#: Kernel cache settings. The defaults assume encfs is the only writer of the backing dir:
-#: 1 s entry/attribute timeouts (as gocryptfs), the writeback cache (the kernel merges small
-#: writes into pages and up to 1 MiB requests) and keep_cache (page cache survives reopen).
-DEFAULT_CACHE_TIMEOUT = 1.0
+#: Kernel cache settings. Without --shared-backing the mount is the only writer of its
+#: backing dir (the mount lock refuses a second mount; docs/CONSISTENCY.md "Kernel caches"),
+#: so every change reaches the kernel through the mount itself, which keeps its caches in
+#: step as a local filesystem's: entries (missing names too) and attributes are trusted for
+#: an hour instead of gocryptfs's 1 s. (What reads and writes change without a reply
+#: saying so, the kernel drops itself: atime after each READ it sends, st_blocks at each
+#: close under the writeback cache; tests/test_posix_mmap_cache.py.) Also the writeback cache (the
+#: kernel merges small writes into pages and up to 1 MiB requests) and keep_cache (page
+#: cache survives reopen).
+DEFAULT_CACHE_TIMEOUT = 3600.0
 
 
 class EncFS(pyfuse3.Operations):
     enable_writeback_cache = True
     # POSIX ACLs are passed through to the backing files, so the kernel enforces them under
-    # default_permissions exactly as on the backing filesystem.
+    # default_permissions exactly as on the backing filesystem (see `mount_options`).
     enable_acl = True
+    #: default_permissions: the kernel checks modes, owners and ACLs before each request
+    kernel_permissions = True
 
     def __init__(self, backing: bytes, config: bk.BackingConfig, keys: KeyManager,
                  mountpoint: str = "", cache_timeout: float = DEFAULT_CACHE_TIMEOUT,
@@ -154,14 +163,22 @@ class EncFS(pyfuse3.Operations):
         # trust anything it cached: no timeouts, no writeback cache (the kernel's size and
         # mtime would override the backing's), no page cache kept across opens.
         self.timeout = 0.0 if shared_backing else cache_timeout
+        #: nobody else writes the backing dir: what the kernel cached stays true until this
+        #: mount changes it (the optimisations that depend on it test this one flag)
+        self.exclusive = not shared_backing
         self.enable_writeback_cache = not shared_backing
         self.keep_cache = not shared_backing
         self.content = content or ContentExecutor(Journal(bk.control_path(backing)))
         self.journal = self.content.journal  # also records renames
         self.spares = SparePool(bk.control_path(backing, bk.TMP_DIR))  # started by the mount
+        # Removed files freed by a thread where freeing waits for discards (started in init;
+        # exclusive mounts only: with --shared-backing others' tools own the layout of tmp/)
+        self.trash = Trash(bk.control_path(backing, bk.TMP_DIR),
+                           enabled=not shared_backing and backing_discards(backing))
         self._dir_keys: dict[int, str | None] = {}  # directory inode -> its own CMK
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
-        self.root_ino = os.lstat(backing).st_ino
+        root_st = os.lstat(backing)
+        self.root_ino, self.backing_dev = root_st.st_ino, root_st.st_dev
         self.nodes = InodeTable(self.root_ino, Node)  # node ids and generations
         self.long_paths = LongPaths()  # backing paths past PATH_MAX
         self.dir_handles: dict[int, tuple[int, list[bytes]]] = {}
@@ -171,6 +188,30 @@ class EncFS(pyfuse3.Operations):
         #: before the first request, and the CMK of the name key (revocation hides names)
         self.names: NameCipher | None = None
         self.name_key_id: str | None = None
+
+    def mount_options(self, options: set[str], explicit: set[str],
+                      serving_user: bool) -> set[str]:
+        """The mount options to use, given those chosen so far (``options``) and those the
+        user gave (``explicit``). The kernel's permission checks (``default_permissions``,
+        which ``FUSE_POSIX_ACL`` implies) cost a GETATTR of the directory after every
+        create, unlink, rename, mkdir or rmdir in it (the kernel drops the directory's
+        attributes and needs its mode for the next check). They are left out where only
+        root can reach the mount: the daemon is root, serves as root (no ``--user``), and
+        neither ``allow_other`` nor ``allow_root`` nor ``default_permissions`` was asked
+        for; then the backing filesystem's answers to the daemon are root's answers.
+        ACLs are still set and read as xattrs (setfacl/getfacl), stored on the backing
+        files, and enforced there (root passes them, as on any filesystem)."""
+        if (self.as_root and not serving_user
+                and not {"allow_other", "allow_root", "default_permissions"} & explicit):
+            self.kernel_permissions = False
+            self.enable_acl = False
+            return options - {"default_permissions"}
+        return options
+
+    def init(self) -> None:
+        """The kernel's INIT was answered: the daemon has its final identity (after
+        `encfs mount --user`), so its threads start now."""
+        self.trash.start()
 
     async def load_names(self) -> None:
         """Unwrap the backing dir's name key (encrypted names) through the key manager, so
@@ -339,7 +380,6 @@ class EncFS(pyfuse3.Operations):
         e.st_gid = st.st_gid
         e.st_rdev = st.st_rdev
         if stat.S_ISREG(st.st_mode):
-            node = self.nodes.get(ino)
             bs = (node.block_size if node and node.block_size else self.config.block_size)
             e.st_size = fmt.plain_size(st.st_size, bs)
         elif self.names is not None and stat.S_ISLNK(st.st_mode):
@@ -613,9 +653,15 @@ class EncFS(pyfuse3.Operations):
         record, dek = await self._new_key(parent_inode)
         path = self._new_name(parent_inode, name)  # again: the parent may have moved
         written = self._long_name_first(path, parent_inode, name, ctx)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = _open_backing(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                               | os.O_CLOEXEC, stat.S_IMODE(mode))
+            try:
+                fd = _open_backing(path, flags, stat.S_IMODE(mode))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.trash.pending:
+                    raise
+                self.trash.drain()  # removed files not yet freed: free them, then retry
+                fd = _open_backing(path, flags, stat.S_IMODE(mode))
         except BaseException:
             self._long_name_undo(path, written)
             raise
@@ -712,13 +758,35 @@ class EncFS(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
         path = self._child(parent_inode, name)
         st = os.lstat(path)
-        os.unlink(path)
+        if not self._frees_blocks(st) or not self.trash.put(path):
+            os.unlink(path)
         if stat.S_ISREG(st.st_mode):
-            if st.st_nlink != 1 or not self.spares.recycle(bk.sidecar_path(path)):
-                bk.remove_sidecar(path)
+            side = bk.sidecar_path(path)
+            if st.st_nlink != 1 or not self.spares.recycle(side):
+                # Its other links keep it (nothing freed), or the spare pool is full.
+                if st.st_nlink != 1 or not self._trash_sidecar(side):
+                    bk.remove_sidecar(path)
         nm.remove_long_name(path)  # last: until the entry is gone, its name must stay
         self._drop_link(parent_inode, name, self._ino(st),
                         last=stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1)
+
+    def _frees_blocks(self, st: os.stat_result) -> bool:
+        """Whether removing the object ``st`` describes frees its blocks now: a regular
+        file with blocks, its last link, not held open (an open one keeps its blocks
+        until its last close). Those go to the trash (encfs/trash.py)."""
+        if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_blocks == 0
+                or st.st_dev != self.backing_dev):  # a rename into tmp/ would be EXDEV
+            return False
+        node = self.nodes.get(self._ino(st))
+        return node is None or node.fd is None
+
+    def _trash_sidecar(self, side: bytes) -> bool:
+        """Free a removed file's sidecar in the background; True when it is gone from its
+        directory (or was not there)."""
+        try:
+            return self.trash.put(side)
+        except FileNotFoundError:
+            return True
 
     @_fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
@@ -747,21 +815,41 @@ class EncFS(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
         path = self._child(parent_inode, name)
         st = os.lstat(path)
-        try:
-            os.rmdir(path)
-        except OSError as e:
-            if e.errno != errno.ENOTEMPTY or not self._remove_orphan_sidecars(path):
-                raise
-            os.rmdir(path)
+        if not self._rmdir_later(path, st):
+            try:
+                os.rmdir(path)
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY or not self._remove_orphan_sidecars(path):
+                    raise
+                os.rmdir(path)
         self.long_paths.invalidate()
         nm.remove_long_name(path)
         self._drop_link(parent_inode, name, self._ino(st), last=True)
 
-    def _remove_orphan_sidecars(self, dirpath: bytes) -> bool:
+    def _rmdir_later(self, path: bytes, st: os.stat_result) -> bool:
+        """Where freeing blocks waits for discards (the trash runs), an empty directory is
+        taken out of its parent by a rename into tmp/ and removed there by the trash
+        thread (an rmdir of a directory with its block allocated took 120-580 µs here).
+        Its emptiness is checked by listing it first, which nothing can change meanwhile:
+        the kernel holds the directory locked for the RMDIR, and nobody else writes the
+        backing dir (exclusive mode). False: the caller removes it in place (also when it
+        is not a directory, for rmdir's own errno)."""
+        if (not self.exclusive or not self.trash.running or not stat.S_ISDIR(st.st_mode)
+                or st.st_dev != self.backing_dev):
+            return False
+        node = self.nodes.get(self._ino(st))
+        if node is not None and node.fd is not None:
+            return False  # open (a cwd or a listing): removed in place, as before
+        names = os.listdir(path)
+        if names and not self._remove_orphan_sidecars(path, names):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        return self.trash.put(path)
+
+    def _remove_orphan_sidecars(self, dirpath: bytes, names: list[bytes] | None = None) -> bool:
         """A directory that looks empty in the mount may hold sidecars or long-name files
         whose entries are gone (a crash between two steps). Remove those; True if nothing
-        else is left."""
-        names = os.listdir(dirpath)
+        else is left. ``names``: its listing, if already made."""
+        names = os.listdir(dirpath) if names is None else names
         orphans = nm.orphans(names)
         if len(orphans) != len(names):
             return False
@@ -1215,12 +1303,19 @@ class EncFS(pyfuse3.Operations):
         self._xattr_call(inode, os.removexattr, self._xattr_backing(name, kind))
 
     async def access(self, inode: int, mode: int, ctx) -> bool:
-        # default_permissions makes the kernel check modes; reaching here means allowed.
-        return True
+        if self.kernel_permissions:
+            return True  # default_permissions: the kernel checked; reaching here means allowed
+        # Only root can reach this mount (`mount_options`): answer as the backing
+        # filesystem answers root (X_OK needs an x bit on a file).
+        node = self.nodes.get(inode)
+        if node is not None and node.fd is not None and not node.links:
+            return True  # open and nameless: nothing left to check by path
+        return os.access(self._path(inode), mode, follow_symlinks=False)
 
     def close_all(self) -> None:
         """At unmount: forgets may never arrive, so drop every open backing fd."""
         self.spares.stop()
+        self.trash.stop()  # what it still holds is freed now
         self.journal.close()
         self.long_paths.invalidate()
         for node in self.nodes.values():

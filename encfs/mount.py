@@ -162,6 +162,8 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
         options |= {o for o in opt.split(",") if o}
     if "allow_other" in options:
         options.add("default_permissions")
+    options = ops.mount_options(options, {o for opt in args.options for o in opt.split(",")},
+                                serving_user=bool(args.user))
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:

@@ -48,7 +48,8 @@ class SparePool:
         # At most ``size`` spares are held open (the daemon's fd limit is for user files);
         # recycled sidecars wait as paths, first to be zeroed, then to be opened.
         self._ready: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._recycled: collections.deque[bytes] = collections.deque()  # not zeroed yet
+        # not zeroed yet: each with its lstat from `recycle`
+        self._recycled: collections.deque[tuple[bytes, os.stat_result]] = collections.deque()
         self._zeroed: collections.deque[bytes] = collections.deque()
         self._wanted = threading.Event()
         self._stopping = False
@@ -57,6 +58,7 @@ class SparePool:
     def start(self) -> None:
         """Start filling. Call after the daemon took its final identity (spares are owned by
         whoever creates them)."""
+        self._ids = (os.geteuid(), os.getegid())  # the serving identity, final by now
         self._wanted.set()
         self._thread = threading.Thread(target=self._fill, name="encfs-spares", daemon=True)
         self._thread.start()
@@ -89,7 +91,7 @@ class SparePool:
             os.rename(sidecar, path)
         except FileNotFoundError:
             return True
-        self._recycled.append(path)
+        self._recycled.append((path, st))
         if len(self._recycled) >= RECYCLE_BATCH:
             self._wanted.set()  # in batches: each wake-up of the thread costs the FUSE thread
         return True
@@ -97,38 +99,43 @@ class SparePool:
     def _new_path(self) -> bytes:
         return os.path.join(self.directory, SPARE_PREFIX + secrets.token_hex(8).encode())
 
-    def _open_spare(self, path: bytes, zero: bool) -> int | None:
-        """Open a recycled sidecar as a spare: a regular file with no other link (one with
-        other links is not ours to overwrite), owned by the daemon, mode 0600, and with
-        ``zero`` its old record overwritten with zeros. None (and the path removed) when
-        it is not fit."""
+    def _zero(self, path: bytes, st: os.stat_result) -> bool:
+        """Make a recycled sidecar a spare: its old record overwritten with zeros, owned
+        by the daemon, mode 0600. ``st`` is its lstat when `recycle` took it (a regular
+        file with no other link, since in the daemon's private dir): no fstat again, so
+        that a recycled sidecar costs this thread three syscalls, each of which takes the
+        GIL back from the request thread. False (and the path removed) when it fails."""
         fd = None
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise OSError("not a spare")
-            if zero:
-                os.pwrite(fd, bytes(st.st_size), 0)
-                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                    os.fchown(fd, os.geteuid(), os.getegid())
-                if stat.S_IMODE(st.st_mode) != 0o600:
-                    os.fchmod(fd, 0o600)
-            return fd
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            os.pwrite(fd, bytes(st.st_size), 0)
+            if (st.st_uid, st.st_gid) != self._ids:
+                os.fchown(fd, *self._ids)
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
+            return True
         except OSError:
+            _remove(path)
+            return False
+        finally:
             if fd is not None:
                 os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+
+    @staticmethod
+    def _open_zeroed(path: bytes) -> int | None:
+        """Open a zeroed recycled sidecar as a spare (None, and the path removed, if it
+        cannot be opened)."""
+        try:
+            return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            _remove(path)
             return None
 
     def _next_spare(self) -> tuple[int, bytes] | None:
         """A zeroed recycled sidecar, else a new empty file (an inode allocation)."""
         while self._zeroed:
             path = self._zeroed.popleft()
-            fd = self._open_spare(path, zero=False)
+            fd = self._open_zeroed(path)
             if fd is not None:
                 return fd, path
         path = self._new_path()
@@ -146,10 +153,8 @@ class SparePool:
             self._wanted.wait()
             self._wanted.clear()
             while not self._stopping and self._recycled:
-                path = self._recycled.popleft()
-                fd = self._open_spare(path, zero=True)
-                if fd is not None:
-                    os.close(fd)
+                path, st = self._recycled.popleft()
+                if self._zero(path, st):
                     self._zeroed.append(path)
             while not self._stopping and len(self._ready) < self.size:
                 spare = self._next_spare()
@@ -169,10 +174,15 @@ class SparePool:
         while self._ready:
             fd, path = self._ready.popleft()
             os.close(fd)
-            self._recycled.append(path)
-        for paths in (self._recycled, self._zeroed):
-            while paths:
-                try:
-                    os.unlink(paths.popleft())
-                except OSError:
-                    pass
+            self._zeroed.append(path)
+        while self._recycled:
+            _remove(self._recycled.popleft()[0])
+        while self._zeroed:
+            _remove(self._zeroed.popleft())
+
+
+def _remove(path: bytes) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

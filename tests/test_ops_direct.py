@@ -154,3 +154,97 @@ def test_tampered_block_is_eio(run_ops, caplog):
         await ops.release(fi.fh)
     run_ops(body)
     assert any("/mnt/t" in r.message and "block 1" in r.message for r in caplog.records)
+
+
+def test_a_removed_files_blocks_are_freed_in_the_background(run_ops):
+    """unlink takes the data file out of its directory at once (into tmp/) and the trash
+    thread frees it there; files that free nothing now are unlinked in place."""
+    async def body(ops, backing):
+        from encfs.trash import Trash
+        tmp = bk.control_path(backing, bk.TMP_DIR)
+        ops.trash = Trash(tmp)  # as on a discard-mounted backing fs, whatever this one is
+        ops.trash.start()
+        await ops.release(await create(ops, b"data", os.urandom(3 * BS)))
+        await ops.release(await create(ops, b"empty"))
+        await ops.release(await create(ops, b"linked", b"x" * 100))
+        attr = await ops.lookup(ROOT, b"linked", CTX)
+        await ops.link(attr.st_ino, ROOT, b"other", CTX)
+        held = await create(ops, b"held", b"y" * 100)  # still open
+        for name in (b"data", b"empty", b"linked", b"held"):
+            await ops.unlink(ROOT, name, CTX)
+            assert not os.path.lexists(os.path.join(backing, name))
+        # "data" (its last link, with blocks, not open) and, the spare pool not running,
+        # the sidecars of the three files with one link
+        assert ops.trash.moved == 4
+        assert await ops.read(held, 0, 100) == b"y" * 100
+        await ops.release(held)
+        ops.trash.drain()
+        assert not [n for n in os.listdir(tmp) if n.startswith(b"d-")]
+        assert sorted(n for n in os.listdir(backing) if not n.startswith(b".")) == \
+            [b"other", b"other.sfskey"]
+        # Directories: emptiness checked first; orphan sidecars do not count.
+        for d in (b"empty", b"full", b"orphans"):
+            await ops.mkdir(ROOT, d, 0o755, CTX)
+        full = (await ops.lookup(ROOT, b"full", CTX)).st_ino
+        await ops.release((await ops.create(full, b"x", 0o644, os.O_RDWR, CTX))[0].fh)
+        open(os.path.join(backing, b"orphans", b"gone.sfskey"), "wb").write(b"k")
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.rmdir(ROOT, b"full", CTX)
+        assert e.value.errno == errno.ENOTEMPTY
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.rmdir(ROOT, b"other", CTX)
+        assert e.value.errno == errno.ENOTDIR
+        for d in (b"empty", b"orphans"):
+            await ops.rmdir(ROOT, d, CTX)
+            assert not os.path.lexists(os.path.join(backing, d))
+        ops.trash.stop()
+        assert not [n for n in os.listdir(tmp) if n.startswith(b"d-")]
+        assert os.path.isdir(os.path.join(backing, b"full"))
+    run_ops(body)
+
+
+def test_exclusive_mounts_let_the_kernel_cache_for_long_shared_ones_not(run_ops):
+    async def body(ops, backing):
+        await ops.release(await create(ops, b"f"))
+        assert ops.exclusive and ops.timeout >= 600  # far beyond gocryptfs's 1 s
+        attr = await ops.lookup(ROOT, b"f", CTX)
+        assert attr.entry_timeout == attr.attr_timeout == ops.timeout
+        missing = await ops.lookup(ROOT, b"missing", CTX)
+        assert missing.st_ino == 0 and missing.entry_timeout == ops.timeout
+        shared = EncFS(backing, ops.config, ops.keys, shared_backing=True)
+        assert not shared.exclusive and shared.timeout == 0
+        assert (await shared.lookup(ROOT, b"f", CTX)).attr_timeout == 0
+        shared.close_all()
+    run_ops(body)
+
+
+def test_kernel_permission_checks_are_left_out_only_where_only_root_gets_in(run_ops):
+    async def body(ops, backing):
+        base = {"default_permissions", "fsname=x"}
+        cases = [({"allow_other", "default_permissions"}, {"allow_other"}, False, True),
+                 ({"allow_root"}, {"allow_root"}, False, True),
+                 (set(), {"default_permissions"}, False, True),  # asked for
+                 (set(), set(), True, True),  # --user: the caller is not the daemon
+                 (set(), set(), False, os.geteuid() != 0)]
+        for extra, explicit, serving_user, kept in cases:
+            fs = EncFS(backing, ops.config, ops.keys)
+            opts = fs.mount_options(base | extra, explicit, serving_user)
+            assert ("default_permissions" in opts) == kept
+            assert fs.enable_acl == fs.kernel_permissions == kept
+            fs.close_all()
+    run_ops(body)
+
+
+def test_access_answers_for_root_where_the_kernel_does_not_check(run_ops):
+    async def body(ops, backing):
+        ops.kernel_permissions = False  # as `mount_options` sets it on a root-only mount
+        await ops.release(await create(ops, b"plain"))
+        fi, attr = await ops.create(ROOT, b"tool", 0o755, os.O_RDWR, CTX)
+        await ops.release(fi.fh)
+        plain = (await ops.lookup(ROOT, b"plain", CTX)).st_ino
+        assert await ops.access(plain, os.R_OK | os.W_OK, CTX)
+        assert await ops.access(attr.st_ino, os.X_OK, CTX)
+        assert await ops.access(ROOT, os.X_OK, CTX)
+        if os.geteuid() == 0:  # root may read and write anything, but not run a non-program
+            assert not await ops.access(plain, os.X_OK, CTX)
+    run_ops(body)

@@ -150,27 +150,82 @@ def test_shared_backing_sees_other_writers_at_once(kms):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-CACHE_TIMEOUT = 1.0  # the entry and attribute timeouts of a default mount
+def _options(mountpoint: str) -> set[str]:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == mountpoint:
+                return set(fields[3].split(","))
+    raise AssertionError(f"{mountpoint} not mounted")
 
 
-def test_default_caching_timeouts(kms):
-    """Default mounts cache attributes and entries, missing names included, for 1 s: a
-    change made in the backing dir behind encfs's back shows within about a second."""
+def test_default_mounts_show_what_reads_and_writes_change(kms):
+    """A default mount lets the kernel trust entries and attributes for long (nobody else
+    writes its backing dir). The one attribute a write changes without the kernel hearing
+    of it, st_blocks, the kernel drops at each close under the writeback cache: `du` right
+    after a copy sees the data, also when it was asked while the data was still cached.
+    And atime, which a read changes, it drops after each READ it sends."""
     workdir = short_tempdir("encfs-cache-")
     m = _mount(kms, workdir)
     try:
-        assert not os.path.exists(f"{m.mountpoint}/later")
-        os.mkdir(os.path.join(m.backing, "later"))  # behind our back
-        deadline = time.monotonic() + 10 * CACHE_TIMEOUT  # generous: a loaded machine
-        while not os.path.isdir(f"{m.mountpoint}/later"):
-            assert time.monotonic() < deadline, "negative entry outlived its timeout"
-            time.sleep(0.1)
-        os.chmod(f"{m.mountpoint}/later", 0o700)
-        os.chmod(os.path.join(m.backing, "later"), 0o755)  # behind our back
-        deadline = time.monotonic() + 10 * CACHE_TIMEOUT  # generous: a loaded machine
-        while os.stat(f"{m.mountpoint}/later").st_mode & 0o777 != 0o755:
-            assert time.monotonic() < deadline, "attribute cache outlived its timeout"
-            time.sleep(0.1)
+        path = f"{m.mountpoint}/f"
+        for size in (1 << 20, 2 << 20):
+            with open(path, "ab") as f:
+                f.write(os.urandom(1 << 20))
+                # While the data is in the kernel's page cache, not yet written back: the
+                # kernel asks (a write drops st_blocks) and caches what the backing has.
+                os.fstat(f.fileno())
+            st = os.stat(path)  # after close: the data reached the backing file
+            assert st.st_size == size and st.st_blocks * 512 >= size
+            assert st.st_blocks == os.stat(os.path.join(m.backing, "f")).st_blocks
+        os.utime(path, ns=(10**18, 10**18))  # atime not after mtime: a read updates it
+        m.remount()  # the page cache is gone: the next read reaches the daemon
+        assert os.stat(path).st_atime_ns == 10**18
+        with open(path, "rb") as f:
+            f.read(100)
+        assert os.stat(path).st_atime_ns == os.stat(os.path.join(m.backing, "f")).st_atime_ns
+        assert os.stat(path).st_atime_ns > 10**18
+    finally:
+        m.unmount()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root-only case needs root")
+def test_a_mount_only_root_can_reach_leaves_permission_checks_to_the_backing_fs(kms):
+    """Without allow_other (and as root, not --user), only root gets in: the kernel's own
+    permission checks (default_permissions, implied by POSIX ACLs) are left out, which
+    saves a GETATTR of the directory after every create and unlink in it. Root's answers
+    stay what ext4 gives root: anything but running a file without an x bit; ACLs are
+    still set, read and inherited through the backing files."""
+    workdir = short_tempdir("encfs-perm-")
+    m = _mount(kms, workdir)
+    try:
+        assert "default_permissions" not in _options(m.mountpoint)
+        mp = m.mountpoint
+        with open(f"{mp}/script", "w") as f:
+            f.write("#!/bin/sh\necho ran\n")
+        os.chmod(f"{mp}/script", 0o644)
+        assert not os.access(f"{mp}/script", os.X_OK)
+        with pytest.raises(PermissionError):
+            subprocess.run([f"{mp}/script"])
+        os.chmod(f"{mp}/script", 0o700)
+        assert os.access(f"{mp}/script", os.X_OK)
+        assert subprocess.run([f"{mp}/script"], capture_output=True).stdout == b"ran\n"
+        os.chmod(f"{mp}/script", 0o000)  # root reads and writes it anyway, as on ext4
+        assert os.access(f"{mp}/script", os.R_OK | os.W_OK)
+        assert open(f"{mp}/script").read().startswith("#!")
+        # an ACL (user 65534: r--) set, read back, reflected in the mode, and inherited
+        acl = (b"\x02\x00\x00\x00" + b"".join(
+            tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + uid.to_bytes(4, "little")
+            for tag, perm, uid in ((1, 6, 0xFFFFFFFF), (2, 4, 65534), (4, 4, 0xFFFFFFFF),
+                                   (0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF))))
+        os.setxattr(f"{mp}/script", "system.posix_acl_access", acl)
+        assert os.getxattr(f"{mp}/script", "system.posix_acl_access") == acl
+        assert oct(os.stat(f"{mp}/script").st_mode & 0o777) == "0o640"
+        os.mkdir(f"{mp}/d")
+        os.setxattr(f"{mp}/d", "system.posix_acl_default", acl)
+        open(f"{mp}/d/child", "w").close()
+        assert os.getxattr(f"{mp}/d/child", "system.posix_acl_access") == acl
     finally:
         m.unmount()
         shutil.rmtree(workdir, ignore_errors=True)
