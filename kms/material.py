@@ -148,6 +148,13 @@ def forget(material: bytes | None) -> None:
         _PARSED.pop(material, None)
 
 
+def retain(live: set[bytes]) -> None:
+    """Drop the parsed key objects of material no longer live (after a reload of the store by a
+    worker process: another worker destroyed or deleted it)."""
+    for m in [m for m in _PARSED if m not in live]:
+        _PARSED.pop(m, None)
+
+
 def public_key_der(material: bytes) -> bytes:
     """SubjectPublicKeyInfo (DER) of an asymmetric key's material."""
     return _private(material).public_key().public_bytes(serialization.Encoding.DER,

@@ -29,9 +29,10 @@ from urllib.parse import unquote
 import h11
 import trio
 
-from . import auth
+from . import auth, material
 from .api import INLINE_OPERATIONS, MAX_BODY, Caller, Kms, KmsApiError, Result, caller_for_access_key, caller_for_uid
 from .reqlog import RequestLog
+from .shared import SharedWrites
 from .store import Store
 from .strict import StrictHuawei
 
@@ -199,10 +200,25 @@ def _raw_error(status: int, code: str, msg: str, extra: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
 
 
+@dataclass
+class WorkerRole:
+    """What one worker process of ``kms serve --workers N`` (kms/workers.py) gets: the listening
+    sockets made by the parent, which also removes the socket file; its index (worker 0 runs
+    the sweep); the shared write lock and generation counter."""
+
+    index: int
+    unix: socket.socket
+    tcp: list[socket.socket]
+    shared: SharedWrites
+
+
 class Server:
-    def __init__(self, config: ServerConfig, store: Store) -> None:
+    def __init__(self, config: ServerConfig, store: Store, role: WorkerRole | None = None) -> None:
         self.config = config
         self.store = store
+        self._role = role
+        self._shared = role.shared if role is not None else None
+        self._write_turn = trio.Lock()
         self.kms = Kms(store)
         self._handle = StrictHuawei(self.kms.handle) if config.strict_huawei else self.kms.handle
         self._writes = trio.CapacityLimiter(1)
@@ -239,15 +255,20 @@ class Server:
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._raise_fd_limit()
-        listeners = [await self._unix_listener()]
+        if self._role is not None:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s))
+                         for s in (self._role.unix, *self._role.tcp)]
+        else:
+            listeners = [await self._unix_listener()]
         try:
-            if self.config.listen:
+            if self.config.listen and self._role is None:
                 host, port = self.config.listen
                 listeners += await trio.open_tcp_listeners(port, host=host)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._audit_flusher)
-                nursery.start_soon(self._sweeper)
+                if self._role is None or self._role.index == 0:
+                    nursery.start_soon(self._sweeper)
                 nursery.start_soon(self._accept_loop, listeners[0], False)
                 for tcp in listeners[1:]:
                     nursery.start_soon(self._accept_loop, tcp, True)
@@ -257,6 +278,8 @@ class Server:
                 if self.config.strict_huawei:
                     where += " (strict Huawei mode: no x-encfs-* extensions, foreign ciphertexts)"
                 c = self.config
+                if self._role is not None:
+                    where += f" (worker {self._role.index})"
                 log.info("serving project %s on %s (data dir %s)", c.project_id, where, c.data_dir)
                 log.info("limits: %d connections (%d per uid/IP), %s requests/s per caller, timeouts "
                          "header %gs body %gs idle %gs", self._max_connections, c.max_connections_per_peer,
@@ -280,40 +303,11 @@ class Server:
                 return
 
     async def _unix_listener(self) -> trio.SocketListener:
-        path = self.config.socket_path
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)     # stale socket of a daemon that died
-            else:
-                raise OSError(errno.EADDRINUSE, f"another daemon already answers at {path}")
-            finally:
-                probe.close()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Create the socket inaccessible, then open it up to the requested mode: no window in
-        # which another user could connect.
-        old = os.umask(0o177)
-        try:
-            await sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, self.config.socket_mode)
-        self._sock_ino = os.stat(path).st_ino
-        sock.listen(1024)
-        return trio.SocketListener(sock)
+        sock, self._sock_ino = bind_unix(self.config.socket_path, self.config.socket_mode)
+        return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def _remove_socket(self) -> None:
-        try:
-            if self._sock_ino is not None and os.stat(self.config.socket_path).st_ino == self._sock_ino:
-                os.unlink(self.config.socket_path)
-        except OSError:
-            pass
+        remove_unix(self.config.socket_path, self._sock_ino)
 
     async def _audit_flusher(self) -> None:
         # Batching: one small commit per interval instead of one per request. A commit of
@@ -327,8 +321,9 @@ class Server:
     async def _sweeper(self) -> None:
         while True:
             await trio.sleep(SWEEP_INTERVAL)
+            self._refresh()
             if self.kms.sweep_due():
-                destroyed, rotated = await trio.to_thread.run_sync(self.kms.sweep, limiter=self._writes)
+                destroyed, rotated = await self._write(self.kms.sweep)
                 if destroyed or rotated:
                     log.info("sweep: destroyed %d key(s), rotated %d key(s)", destroyed, rotated)
 
@@ -605,10 +600,10 @@ class Server:
                     k, _, v = part.partition("=")
                     query[unquote(k)] = unquote(v)
             if op in INLINE_OPERATIONS:
+                self._refresh()
                 result = self._handle(caller, method, op, query, body)
             else:
-                result = await trio.to_thread.run_sync(self._handle, caller, method, op, query, body,
-                                                       limiter=self._writes)
+                result = await self._write(self._handle, caller, method, op, query, body)
             return result, op, caller, False
         except KmsApiError as e:
             return Result(e.status, e.body(), error_code=e.code), op, caller, False
@@ -621,6 +616,37 @@ class Server:
             log.error("internal error in %s %s: %s at %s", method, _printable(op), type(e).__name__, where)
             e = KmsApiError("KMS.0101", "internal error in the KMS; see its log")
             return Result(e.status, e.body(), error_code=e.code), op, caller, False
+
+    def _refresh(self) -> None:
+        """Workers: reload the store's mirror when another worker wrote since (kms/shared.py).
+        On the event loop, never while this worker's write thread runs (that holds the lock,
+        so the counter cannot move)."""
+        shared = self._shared
+        if shared is not None and shared.moved():
+            g = shared.current()        # read first: a write during the reload moves it again
+            self.store.reload()
+            shared.seen = g
+            material.retain(self.store.live_material())
+
+    async def _write(self, fn, *args):
+        """Run an operation that may write (or is slow) in a thread. Workers: under the shared
+        write lock, on a fresh mirror, and with the counter bumped before the reply if keys.db
+        changed, so that every worker sees the write at its next request."""
+        shared = self._shared
+        if shared is None:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._writes)
+        async with self._write_turn:
+            await trio.to_thread.run_sync(shared.acquire, limiter=self._writes)
+            try:
+                self._refresh()
+                before = self.store.changes()
+                try:
+                    return await trio.to_thread.run_sync(fn, *args, limiter=self._writes)
+                finally:
+                    if self.store.changes() != before:
+                        shared.bump()
+            finally:
+                shared.release()
 
     def _too_many(self, who: str) -> Result:
         e = KmsApiError("APIGW.0308", f"the throttling threshold has been reached: at most "
@@ -646,6 +672,70 @@ class Server:
             raise trio.BrokenResourceError("the client did not read its reply")
 
 
+def bind_unix(path: str, mode: int) -> tuple[socket.socket, int]:
+    """The listening Unix socket at ``path`` and its inode (to remove only our own at exit).
+    A stale socket of a daemon that died is replaced; a live one is refused."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)     # stale socket of a daemon that died
+        else:
+            raise OSError(errno.EADDRINUSE, f"another daemon already answers at {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Create the socket inaccessible, then open it up to the requested mode: no window in
+    # which another user could connect.
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    ino = os.stat(path).st_ino
+    sock.listen(1024)
+    return sock, ino
+
+
+def remove_unix(path: str, ino: int | None) -> None:
+    """Remove the socket file if it is still the one we bound (not a successor's)."""
+    try:
+        if ino is not None and os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening TCP sockets for --listen HOST:PORT, as trio.open_tcp_listeners makes them (one
+    per address family the host resolves to), for worker processes to share."""
+    socks = []
+    try:
+        for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+            s.listen(1024)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
 def _printable(text: str) -> str:
     """Caller-chosen text made safe for one log line: control characters and non-ASCII escaped."""
     if text.isascii() and text.isprintable():
@@ -659,8 +749,12 @@ _VERSION = {"id": "v1.0", "links": [], "version": "", "status": "CURRENT",
             "updated": "2026-01-01T00:00:00Z", "min_version": ""}
 
 
-def serve(config: ServerConfig) -> int:
-    """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
+def serve(config: ServerConfig, workers: int = 1) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the exit status. ``workers`` > 1: that many
+    processes on the one socket and store (kms/workers.py)."""
+    if workers > 1:
+        from .workers import serve_workers
+        return serve_workers(config, workers)
     store = Store(config.data_dir, clock=make_clock(config.clock_file), passphrase=config.passphrase)
     try:
         trio.run(Server(config, store).run)

@@ -401,22 +401,30 @@ class Store:
     """
 
     def __init__(self, data_dir: str, clock: Callable[[], int] | None = None, passphrase: bytes | None = None,
-                 scrypt_n: int = SCRYPT_N) -> None:
+                 scrypt_n: int = SCRYPT_N, *, worker_of: bytes | None = None) -> None:
+        """``worker_of``: the root key, for a worker process of ``kms serve --workers N``; the
+        parent holds the exclusive flock on ``lock`` for all of them (kms/workers.py) and the
+        workers serialise their writes through kms/shared.py."""
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock or (lambda: int(time.time() * 1000))
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         _check_private_dir(self.data_dir)
-        self._lock_fd = os.open(os.path.join(self.data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd: int | None = None
+        if worker_of is None:
+            self._lock_fd = os.open(os.path.join(self.data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                raise StoreError(f"another kms daemon is using {self.data_dir}") from None
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreError(f"another kms daemon is using {self.data_dir}") from None
-        try:
-            self._aead = AESGCM(load_or_create_root_key(self.data_dir, passphrase, scrypt_n))
+            self._root_key = worker_of if worker_of is not None else \
+                load_or_create_root_key(self.data_dir, passphrase, scrypt_n)
         except BaseException:
-            os.close(self._lock_fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise
+        self._aead = AESGCM(self._root_key)
         self._lock = threading.RLock()
         self._db = self._open(os.path.join(self.data_dir, KEYS_DB), "FULL", _KEYS_SCHEMA)
         self._audit_db = self._open(os.path.join(self.data_dir, AUDIT_DB), "NORMAL", _AUDIT_SCHEMA)
@@ -426,6 +434,33 @@ class Store:
         self._audit_pending: collections.deque[AuditRecord] = collections.deque()
         self._load()
 
+    def root_key_for_workers(self) -> bytes:
+        """The root key, handed to the worker processes forked by kms/workers.py (never written)."""
+        return self._root_key
+
+    def detach_for_workers(self) -> int:
+        """Close the databases before forking workers (an SQLite connection must not cross a
+        fork); keep and return the fd of the exclusive ``lock``, which the workers inherit."""
+        self.flush_audit()
+        with self._lock:
+            self._db.close()
+            self._audit_db.close()
+        fd, self._lock_fd = self._lock_fd, None
+        self._material = {}         # the parent serves nothing: keep no key material in it
+        return fd
+
+    def reload(self) -> None:
+        """Read the mirror again from keys.db: another worker process wrote (kms/shared.py)."""
+        with self._lock:
+            self._load()
+
+    def changes(self) -> int:
+        """Rows this process changed in keys.db so far: a write happened when it moved."""
+        return self._db.total_changes
+
+    def live_material(self) -> set[bytes]:
+        return set(self._material.values())
+
     @staticmethod
     def _open(path: str, sync: str, schema: str) -> sqlite3.Connection:
         # check_same_thread=False: the server runs writes in a worker thread; self._lock
@@ -433,6 +468,8 @@ class Store:
         _private_file(path)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
+        # Worker processes (kms serve --workers) share the files: wait for a lock, never fail.
+        db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync}")
         db.execute("PRAGMA foreign_keys=ON")
@@ -479,7 +516,8 @@ class Store:
         with self._lock:
             self._db.close()
             self._audit_db.close()
-        os.close(self._lock_fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
 
     # ---- in-memory lookups -------------------------------------------------------------
 
