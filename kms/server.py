@@ -30,7 +30,7 @@ import h11
 import trio
 
 from . import auth, fasthttp, material
-from .api import INLINE_OPERATIONS, MAX_BODY, Caller, Kms, KmsApiError, Result, caller_for_access_key, caller_for_uid
+from .api import INLINE_OPERATIONS, MAX_BODY, THREADED_READ_OPERATIONS, Caller, Kms, KmsApiError, Result, caller_for_access_key, caller_for_uid
 from .reqlog import RequestLog
 from .shared import SharedWrites
 from .store import Store
@@ -663,6 +663,10 @@ class Server:
             if op in INLINE_OPERATIONS:
                 self._refresh()
                 result = self._handle(caller, method, op, query, body)
+            elif op in THREADED_READ_OPERATIONS and self._shared is not None:
+                self._refresh()
+                result = await trio.to_thread.run_sync(self._handle, caller, method, op, query, body,
+                                                       limiter=self._writes)
             else:
                 result = await self._write(self._handle, caller, method, op, query, body)
             return result, op, caller, False

@@ -482,34 +482,43 @@ class Store:
         return db
 
     def _load(self) -> None:
-        self._keys: dict[str, KeyRecord] = {}
-        self._by_alias: dict[tuple[str, str], str] = {}
-        self._versions: dict[str, list[VersionRecord]] = {}
-        self._material: dict[tuple[str, int], bytes] = {}
-        self._damaged: dict[tuple[str, int], str] = {}
-        self._grants: dict[str, GrantRecord] = {}
-        self._aliases: dict[tuple[str, str], AliasRecord] = {}
+        # Built aside and swapped in at the end: a reload (kms serve --workers, another worker
+        # wrote) may run while a thread of this process reads the mirror; it sees the old
+        # mirror or the new one, never a half-filled one.
+        keys: dict[str, KeyRecord] = {}
+        by_alias: dict[tuple[str, str], str] = {}
+        versions: dict[str, list[VersionRecord]] = {}
+        materials: dict[tuple[str, int], bytes] = {}
+        damaged: dict[tuple[str, int], str] = {}
+        grants: dict[str, GrantRecord] = {}
+        aliases: dict[tuple[str, str], AliasRecord] = {}
         for r in self._db.execute("SELECT * FROM keys ORDER BY rowid"):
-            self._put_key(_row_to_key(r))
+            k = _row_to_key(r)
+            keys[k.key_id] = k
+            if k.alias is not None:
+                by_alias[(k.owner, k.alias)] = k.key_id
         for r in self._db.execute("SELECT key_id, version, creation_ms, wrapped FROM key_versions "
                                   "ORDER BY key_id, version"):
-            self._versions.setdefault(r["key_id"], []).append(
+            versions.setdefault(r["key_id"], []).append(
                 VersionRecord(r["key_id"], r["version"], r["creation_ms"]))
-            k = self._keys.get(r["key_id"])
+            k = keys.get(r["key_id"])
             if r["wrapped"] is not None and k is not None and k.destroyed_ms is None:
                 # Every live version unwrapped now, so that no request ever waits for SQLite. One
                 # that does not authenticate fails its own requests, not the daemon's start.
                 try:
-                    self._material[(r["key_id"], r["version"])] = self._unwrap(r["key_id"], r["version"],
-                                                                               r["wrapped"])
+                    materials[(r["key_id"], r["version"])] = self._unwrap(r["key_id"], r["version"], r["wrapped"])
                 except StoreError as e:
-                    self._damaged[(r["key_id"], r["version"])] = str(e)
+                    damaged[(r["key_id"], r["version"])] = str(e)
         for r in self._db.execute("SELECT * FROM grants ORDER BY rowid"):
             g = _row_to_grant(r)
-            self._grants[g.grant_id] = g
+            grants[g.grant_id] = g
         for r in self._db.execute("SELECT * FROM aliases ORDER BY rowid"):
             a = AliasRecord(r["owner"], r["alias"], r["key_id"], r["create_ms"], r["update_ms"])
-            self._aliases[(a.owner, a.alias)] = a
+            aliases[(a.owner, a.alias)] = a
+        # material and versions before keys: a reader that finds a new key finds its material
+        self._material, self._damaged, self._versions = materials, damaged, versions
+        self._grants, self._aliases = grants, aliases
+        self._keys, self._by_alias = keys, by_alias
 
     def close(self) -> None:
         self.flush_audit()

@@ -134,6 +134,12 @@ def test_writes_of_one_worker_are_in_force_in_the_other(workers_kms):
         assert a.code("create-datakey", {"key_id": kid}) == "KMS.0209"
         a.ok("enable-key", {"key_id": kid})
         assert b.ok("decrypt-datakey", dec)["data_key"] == made["plain_text"]
+        # signing runs in threads outside the write lock: it too sees the other worker's writes
+        sk = a.ok("create-key", {"key_alias": "w/sig", "key_spec": "EC_P256"})["key_info"]["key_id"]
+        sign = {"key_id": sk, "message": "bWVzc2FnZQ==", "signing_algorithm": "ECDSA_SHA_256", "message_type": "RAW"}
+        assert b.ok("sign", sign)["signature"]
+        a.ok("disable-key", {"key_id": sk})
+        assert b.code("sign", sign) == "KMS.0209"
         # a grant made through one worker works through the other; revoked, it stops there too
         g = a.ok("create-grant", {"key_id": kid, "grantee_principal": "uid0x", "operations": ["describe-key"]})
         assert any(x["grant_id"] == g["grant_id"] for x in b.ok("list-grants", {"key_id": kid})["grants"])
@@ -152,7 +158,7 @@ def test_writes_of_one_worker_are_in_force_in_the_other(workers_kms):
                 t.join()
         assert all(sorted(v) == [200, 400] for v in results.values()), results
         aliases = [d["key_alias"] for d in a.ok("list-keys", {"limit": "1000"})["key_details"]]
-        assert len(aliases) == len(set(aliases)) == 16
+        assert len(aliases) == len(set(aliases)) == 16      # list-keys: AES_256 by default
         # a worker killed is started again; the daemon keeps answering
         victim = next(p for p in pids_of(workers_kms.process.pid))
         os.kill(victim, signal.SIGKILL)
