@@ -496,8 +496,14 @@ class Server:
             data = None
             with trio.CancelScope(deadline=trio.current_time() + self.config.idle_timeout):
                 # The trio socket itself on plain connections: SocketStream's wrappers cost more
-                # than the recv(2) here; its errors (ConnectionError) end the connection alike.
-                data = await (raw.recv(65536) if raw is not None else stream.receive_some(65536))
+                # than the recv(2) here. Any OSError ends the connection, as SocketStream's would.
+                if raw is None:
+                    data = await stream.receive_some(65536)
+                else:
+                    try:
+                        data = await raw.recv(65536)
+                    except OSError as e:
+                        raise trio.BrokenResourceError(f"recv: {e.strerror}") from None
             if data is None:
                 return "idle timeout"
             if not data:
@@ -521,6 +527,8 @@ class Server:
                 data = data[os.write(raw.fileno(), data):]
             except BlockingIOError:
                 pass
+            except OSError as e:
+                raise trio.BrokenResourceError(f"send: {e.strerror}") from None
         if data:
             await self._send_bytes(stream, data)
         return self._after(result, op, caller, limited, req.method, req.target, peer, start)
