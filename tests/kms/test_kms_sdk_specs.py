@@ -20,8 +20,7 @@ from encfs.pytest_plugin import short_tempdir, start_kms_server
 # The SDK is a test dependency the Makefile installs: imported unconditionally (a failed
 # install fails the suite instead of skipping it; docs/TESTING.md).
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, padding  # noqa: E402
 from huaweicloudsdkcore.auth.credentials import BasicCredentials  # noqa: E402
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException  # noqa: E402
 from huaweicloudsdkkms.v2 import (  # noqa: E402
@@ -41,6 +40,8 @@ from huaweicloudsdkkms.v2 import (  # noqa: E402
     ShowVersionsRequest, SignRequest, SignRequestBody, Tag, TagItem, UpdateKeyAliasRequest,
     UpdateKeyAliasRequestBody, UpdateKeyDescriptionRequest, UpdateKeyDescriptionRequestBody,
     ValidateSignatureRequest, VerifyMacRequest, VerifyMacRequestBody, VerifyRequestBody)
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding  # noqa: E402
 
 PROJECT = "0123456789abcdef0123456789abcdef"
 USERS = {"alice": ("AKALICE0123456789ABC", "alice-secret-0123456789"),
