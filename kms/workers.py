@@ -9,7 +9,8 @@ them before they are acknowledged by kms/shared.py. Durability is unchanged: a w
 only after keys.db's fsync (synchronous=FULL), whichever worker made it.
 
 The parent only supervises: SIGTERM/SIGINT are passed to every worker and waited for; a worker
-that dies is logged and started again (a worker that fails right at its start stops the daemon,
+that dies is logged and started again, after the parent bumps the write counter for it (it may
+have died between a commit and its own bump) (a worker that fails right at its start stops the daemon,
 rather than looping). Workers get SIGTERM if the parent dies (PR_SET_PDEATHSIG). Limits are per
 worker: --rate-limit, --max-connections and --max-connections-per-uid are divided by N, so
 the daemon as a whole never allows more than asked (docs/KMS.md).
@@ -70,6 +71,7 @@ def serve_workers(config, n: int) -> int:
         store.close()
         raise
     lock_fd = store.detach_for_workers()
+    parent_shared = SharedWrites(store.data_dir)
     worker_config = per_worker(config, n)
 
     def child(index: int) -> None:
@@ -85,9 +87,11 @@ def serve_workers(config, n: int) -> int:
                 h.setFormatter(logging.Formatter(h.formatter._fmt.replace("kms ", f"kms[{index}] ", 1)))
         status = 1
         try:
+            # The counter is read before the store is loaded: a write in between is reloaded.
+            shared = SharedWrites(store.data_dir)
             s = Store(config.data_dir, clock=clock, worker_of=root_key)
             try:
-                role = WorkerRole(index, unix, tcp, SharedWrites(store.data_dir))
+                role = WorkerRole(index, unix, tcp, shared)
                 trio.run(Server(worker_config, s, role).run)
                 status = 0
             finally:
@@ -137,6 +141,13 @@ def serve_workers(config, n: int) -> int:
                 status = 1
                 stop(signal.SIGTERM, None)
                 continue
+            # It may have died between a commit and its bump of the counter: bump it for it, so
+            # that every worker reloads what keys.db now holds.
+            parent_shared.acquire()
+            try:
+                parent_shared.bump()
+            finally:
+                parent_shared.release()
             log.warning("worker %d (pid %d) ended (%s); starting it again", w.index, pid, how)
             nw = spawn(w.index)
             workers[nw.pid] = nw
@@ -145,6 +156,7 @@ def serve_workers(config, n: int) -> int:
             signal.signal(s, h)
         for s in (unix, *tcp):
             s.close()
+        parent_shared.close()
         remove_unix(config.socket_path, ino)
         os.close(lock_fd)
         log.info("stopped")

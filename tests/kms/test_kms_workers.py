@@ -160,6 +160,8 @@ def test_writes_of_one_worker_are_in_force_in_the_other(workers_kms):
         aliases = [d["key_alias"] for d in a.ok("list-keys", {"limit": "1000"})["key_details"]]
         assert len(aliases) == len(set(aliases)) == 16      # list-keys: AES_256 by default
         # a worker killed is started again; the daemon keeps answering
+        counter = os.path.join(workers_kms.data_dir, "generation")
+        before = int.from_bytes(open(counter, "rb").read(), "little")
         victim = next(p for p in pids_of(workers_kms.process.pid))
         os.kill(victim, signal.SIGKILL)
         wait_gone([victim])
@@ -168,6 +170,9 @@ def test_writes_of_one_worker_are_in_force_in_the_other(workers_kms):
             assert time.monotonic() < deadline, workers_kms.log()[-2000:]
             time.sleep(0.05)
         assert len(pids_of(workers_kms.process.pid)) == 2
+        # the parent bumped the counter for the dead worker (it may have died between a commit
+        # and its own bump): every worker reloads
+        assert int.from_bytes(open(counter, "rb").read(), "little") > before
         with workers_kms.client as c:
             assert c.describe_key(kid)["key_state"] == "2"
     finally:
