@@ -124,10 +124,11 @@ def metrics(cfg: Config) -> list[Metric]:
         Metric("sqlite_rollback", f"sqlite {rows} inserts, {cfg.sqlite_batch}/txn, rollback",
                "s", False, ("<=", 1.5)),
         Metric("rsync", "rsync -a stdlib tree in", "s", False),
-        Metric("kms_create_1", "KMS create-datakey, 1 client", "req/s", True, abs_goal=3000),
-        Metric("kms_create_16", "KMS create-datakey, 16 clients", "req/s", True),
-        Metric("kms_decrypt_1", "KMS decrypt-datakey, 1 client", "req/s", True),
-        Metric("kms_decrypt_16", "KMS decrypt-datakey, 16 clients", "req/s", True),
+        # #16 item 7's goals, on a KMS of its own with --workers 2 (see wl_kms)
+        Metric("kms_create_1", "KMS create-datakey, 1 client", "req/s", True, abs_goal=5000),
+        Metric("kms_create_16", "KMS create-datakey, 16 clients", "req/s", True, abs_goal=10000),
+        Metric("kms_decrypt_1", "KMS decrypt-datakey, 1 client", "req/s", True, abs_goal=5000),
+        Metric("kms_decrypt_16", "KMS decrypt-datakey, 16 clients", "req/s", True, abs_goal=10000),
         *(Metric(f"kms_{op}_{alg}_{n}", f"KMS {op} {alg.upper()}, {n} client{'s' if n > 1 else ''}", "req/s", True)
           for op in ("sign", "verify") for alg in ("rsa2048", "ecp256") for n in (1, 16)),
     ]
@@ -735,9 +736,18 @@ class Runner:
             return
         secs = self.cfg.kms_seconds
         how = "kms.bench"
+        kms = t.kms
+        own = None
+        if "--workers" in subprocess.run([sys.executable, "-m", "kms", "serve", "--help"], cwd=str(REPO),
+                                         capture_output=True, text=True).stdout:
+            # A KMS of its own, as one serving many hosts would run: both cores (kms serve --workers 2)
+            from encfs.pytest_plugin import start_kms_server
+            own = start_kms_server(os.path.join(t.root, f"kms-bench-{rep}"),
+                                   extra_args=[*t.kms_args, "--workers", "2", "--log-level", "warning"])
+            kms, how = own, "kms.bench, kms serve --workers 2"
         try:
-            out = run([sys.executable, "-m", "kms.bench", "--socket", t.kms.socket_path,
-                       "--project-id", t.kms.project_id, "--seconds", str(secs),
+            out = run([sys.executable, "-m", "kms.bench", "--socket", kms.socket_path,
+                       "--project-id", kms.project_id, "--seconds", str(secs),
                        "--clients", "1,16", "--ops", "all", "--json"], cwd=str(REPO))
             rows = json.loads(out)
             rates = {(r["operation"], int(r["clients"])): float(r["requests_per_second"])
@@ -745,8 +755,12 @@ class Runner:
         except (BenchError, ValueError, KeyError, TypeError) as e:
             self.note(f"python -m kms.bench unusable ({str(e)[:200]}); used bench's own loop")
             how = "bench.kms_rate"
-            rates = {(op, n): kms_rate(t.kms.socket_path, t.kms.project_id, op, n, secs)
+            rates = {(op, n): kms_rate(kms.socket_path, kms.project_id, op, n, secs)
                      for op in ("create-datakey", "decrypt-datakey") for n in (1, 16)}
+        finally:
+            if own is not None:
+                own.stop()
+                shutil.rmtree(os.path.join(t.root, f"kms-bench-{rep}"), ignore_errors=True)
         for (op, n), rate in rates.items():
             # "create-datakey" -> kms_create_N; "sign RSA_2048" -> kms_sign_rsa2048_N
             name = {"create-datakey": "create", "decrypt-datakey": "decrypt"}.get(op) or \

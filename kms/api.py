@@ -11,8 +11,8 @@ error codes follow Huawei's API reference (see docs/KMS.md); anything Huawei lac
 from __future__ import annotations
 
 from .core import (DAY_MS, DEFAULT_ALIASES, DEFAULT_CMK_QUOTA, FIELDS, GRANTS_PER_CMK, INLINE_OPERATIONS,
-                   KEY_SPECS, REGION, ROUTES, Caller, Kms, Result, caller_for_access_key, caller_for_uid,
-                   normalise_principal)
+                   KEY_SPECS, REGION, ROUTES, THREADED_READ_OPERATIONS, Caller, Kms, Result,
+                   caller_for_access_key, caller_for_uid, normalise_principal)
 from .errors import ERROR_CODES, KmsApiError
 from .ops import crypto, datakeys, grants, imports, keys, tags  # noqa: F401  (registers the routes)
 from .ops.grants import GRANT_OPERATIONS
@@ -22,5 +22,5 @@ _ROUTES = ROUTES        # the name the fuzz tests know
 
 __all__ = ["AUDIT_AAD_MAX", "Caller", "DAY_MS", "DEFAULT_ALIASES", "DEFAULT_CMK_QUOTA", "ERROR_CODES", "FIELDS",
            "GRANTS_PER_CMK", "GRANT_OPERATIONS", "INLINE_OPERATIONS", "KEY_SPECS", "Kms", "KmsApiError",
-           "MAX_BODY", "REGION", "ROUTES", "Result", "caller_for_access_key", "caller_for_uid",
+           "MAX_BODY", "REGION", "ROUTES", "Result", "THREADED_READ_OPERATIONS", "caller_for_access_key", "caller_for_uid",
            "normalise_principal", "request_aad"]

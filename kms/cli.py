@@ -469,6 +469,8 @@ def _serve(a: argparse.Namespace) -> int:
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:/\s*s)?\s*", a.rate_limit)
     if not m:
         raise UsageError(f"--rate-limit {a.rate_limit!r}: expected N/s, e.g. 2000/s (0 = unlimited)")
+    if not 1 <= a.workers <= 64:
+        raise UsageError("--workers must be between 1 and 64")
     for name in ("max_connections", "max_connections_per_uid"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -483,7 +485,7 @@ def _serve(a: argparse.Namespace) -> int:
                           passphrase=_passphrase(a.passphrase_file), tls=tls,
                           strict_huawei=a.strict_huawei)
     try:
-        return serve(config)
+        return serve(config, a.workers)
     except (StoreError, OSError) as e:
         print(f"kms serve: {e}", file=sys.stderr)
         return 1
@@ -554,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-clock-file", metavar="FILE",
                    help=f"TESTING ONLY: file holding 'now' in Unix seconds (env {CLOCK_ENV})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="serve with N processes sharing the socket and the store (uses N cores; limits "
+                        "are shared out between them; default 1)")
     s.add_argument("--passphrase-file", metavar="FILE",
                    help=f"derive the root key from the passphrase in FILE (mode 0600) with scrypt instead of "
                         f"keeping root.key (env {PASSPHRASE_ENV}: the passphrase itself)")

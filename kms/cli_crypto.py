@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import secrets
 import time
 
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 from .cli import UsageError, _aad_arg, _fields, _key_arg, _with_aad, command
 from .client import KmsClient
@@ -126,27 +129,57 @@ def _c_datakey_pair(c, a):
     return c.call(op, body), _fields
 
 
-@command("import-key-material", "import raw key material from FILE into a key of origin external",
-         lambda p: (_key_arg(p), p.add_argument("file", metavar="FILE", help="the raw key (e.g. 32 bytes for AES_256)"),
+_SYMMETRIC_SPECS = ("AES_256", "SM4", "HMAC_256", "HMAC_384", "HMAC_512", "HMAC_SM3")
+
+
+@command("import-key-material", "import key material from FILE into a key of origin external",
+         lambda p: (_key_arg(p), p.add_argument("file", metavar="FILE",
+                                                help="the raw key (e.g. 32 bytes for AES_256), or for an RSA/EC "
+                                                     "key its private key (PEM or DER, unencrypted)"),
                     p.add_argument("--wrapping-algorithm", default="RSAES_OAEP_SHA_256",
                                    choices=sorted(_WRAPPING_HASH)),
                     p.add_argument("--expires-days", type=float, metavar="DAYS",
                                    help="the KMS deletes the material after DAYS days")))
 def _c_import(c, a):
-    """get-parameters-for-import, wrap the material here with the wrapping public key, import."""
-    material = _read(a.file, "key material file", 1024)
+    """get-parameters-for-import, wrap the material here with the wrapping public key, import.
+    An RSA/EC key's private key goes by Huawei's two layers: wrapped (AES key wrap with
+    padding) under a fresh AES-256 key, which is wrapped with the wrapping public key."""
+    if a.expires_days is not None and a.expires_days <= 0:
+        raise UsageError("--expires-days must be more than 0")
     kid = c.key_id(a.key)
+    spec = c.call("describe-key", {"key_id": kid})["key_info"].get("key_spec", "AES_256")
+    asymmetric = spec not in _SYMMETRIC_SPECS
+    material = _read(a.file, "private key file" if asymmetric else "key material file",
+                     65536 if asymmetric else 1024)
+    private_der = _private_key_der(a.file, material) if asymmetric else None
     p = c.call("get-parameters-for-import", {"key_id": kid, "wrapping_algorithm": a.wrapping_algorithm})
     pub = serialization.load_der_public_key(base64.b64decode(p["public_key"]))
     h = _WRAPPING_HASH[a.wrapping_algorithm]
+    body = {"key_id": kid, "import_token": p["import_token"]}
+    if private_der is not None:
+        temporary = secrets.token_bytes(32)
+        body["encrypted_privatekey"] = base64.b64encode(aes_key_wrap_with_padding(temporary, private_der)).decode()
+        material = temporary
     wrapped = pub.encrypt(material, padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None))
-    body = {"key_id": kid, "import_token": p["import_token"], "encrypted_key_material": base64.b64encode(wrapped).decode()}
+    body["encrypted_key_material"] = base64.b64encode(wrapped).decode()
     if a.expires_days is not None:
-        if a.expires_days <= 0:
-            raise UsageError("--expires-days must be more than 0")
         body["expiration_time"] = int(time.time() + a.expires_days * 86400)
     c.call("import-key-material", body)
-    return {"key_id": kid, "imported": str(len(material)) + " bytes"}, _fields
+    what = f"a {spec} private key" if private_der is not None else str(len(material)) + " bytes"
+    return {"key_id": kid, "imported": what}, _fields
+
+
+def _private_key_der(path: str, data: bytes) -> bytes:
+    """The PKCS#8 DER of the private key in ``data`` (PEM or DER, PKCS#8 or traditional)."""
+    for load in (serialization.load_pem_private_key, serialization.load_der_private_key):
+        try:
+            key = load(data, None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+        return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    raise UsageError(f"{path} is not an unencrypted private key (PEM or DER): an RSA/EC key imports its "
+                     f"private key")
 
 
 @command("delete-imported-key-material", "erase the imported material of a key (back to pending import)",

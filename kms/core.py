@@ -113,6 +113,11 @@ INLINE_OPERATIONS = frozenset({
     "verify", "get-publickey", "generate-mac", "verify-mac"})
 
 
+#: Slow operations that only read the in-memory mirror (private-key work): a worker thread, but
+#: with ``kms serve --workers`` not the cross-process write lock, so they run in every worker at once.
+THREADED_READ_OPERATIONS = frozenset({"sign", "create-rsa-datakey-pair", "create-ec-datakey-pair"})
+
+
 class Kms:
     """All operations of one KMS instance over one Store."""
 

@@ -16,12 +16,13 @@ import hmac as _hmac
 import secrets
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
 ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
 SIGN_VERIFY = "SIGN_VERIFY"
@@ -47,11 +48,6 @@ class Spec:
     def rotatable(self) -> bool:
         # Huawei rotates symmetric encryption keys only: KMS.0324 for asymmetric ones.
         return self.kind in ("aes", "sm4")
-
-    @property
-    def importable(self) -> bool:
-        # Imported material here: raw symmetric keys (docs/KMS.md: asymmetric import is refused).
-        return self.symmetric
 
 
 SPECS: dict[str, Spec] = {s.name: s for s in (
@@ -102,6 +98,10 @@ EC_PAIR_SPECS = {"ECC_NIST_P256": ec.SECP256R1, "ECC_NIST_P384": ec.SECP384R1, "
 #: Wrapping algorithms of get-parameters-for-import: the OAEP hash.
 WRAPPING_ALGORITHMS = {"RSAES_OAEP_SHA_256": hashes.SHA256, "RSAES_OAEP_SHA_1": hashes.SHA1}
 WRAPPING_KEY_BITS = 4096
+#: Huawei's asymmetric import: the private key is wrapped (RFC 5649, AES key wrap with padding,
+#: `openssl enc -id-aes256-wrap-pad`) under a temporary AES-256 key, which is itself wrapped
+#: with the wrapping public key like symmetric material.
+TEMPORARY_KEY_BYTES = 32
 
 
 class MaterialError(ValueError):
@@ -146,6 +146,13 @@ def forget(material: bytes | None) -> None:
     """Drop the parsed key object of ``material`` (its key was destroyed or deleted)."""
     if material is not None:
         _PARSED.pop(material, None)
+
+
+def retain(live: set[bytes]) -> None:
+    """Drop the parsed key objects of material no longer live (after a reload of the store by a
+    worker process: another worker destroyed or deleted it)."""
+    for m in [m for m in _PARSED if m not in live]:
+        _PARSED.pop(m, None)
 
 
 def public_key_der(material: bytes) -> bytes:
@@ -301,3 +308,43 @@ def check_imported(spec: Spec, material: bytes) -> None:
         ok = len(material) == spec.size
     if not ok:
         raise MaterialError(f"key material of a {spec.name} key is {spec.size} bytes, not {len(material)}")
+
+
+def unwrap_private_import(temporary_key: bytes, wrapped_private: bytes) -> bytes:
+    """The private key of an asymmetric import: ``wrapped_private`` is AES-KWP (RFC 5649) of its
+    DER under ``temporary_key`` (already unwrapped with the wrapping key). Raises MaterialError."""
+    if len(temporary_key) != TEMPORARY_KEY_BYTES:
+        raise MaterialError(f"the temporary key of an asymmetric import is an AES-256 key "
+                            f"({TEMPORARY_KEY_BYTES} bytes), not {len(temporary_key)} bytes")
+    try:
+        return aes_key_unwrap_with_padding(temporary_key, wrapped_private)
+    except (InvalidUnwrap, ValueError):
+        raise MaterialError("encrypted_privatekey does not unwrap with the temporary key "
+                            "(AES key wrap with padding, RFC 5649)") from None
+
+
+def check_imported_private(spec: Spec, der: bytes) -> bytes:
+    """The stored form (PKCS#8 DER, re-encoded so that the same key always gives the same bytes)
+    of an imported private key, which must be a key of ``spec``: an RSA key of its modulus size
+    or an EC key on its curve. The key is fully checked here (OpenSSL's RSA key check, EC point
+    on the curve): it comes from outside, unlike generated material. Raises MaterialError."""
+    try:
+        key = serialization.load_der_private_key(der, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # The message never quotes the input: it is private key material.
+        raise MaterialError("the unwrapped private key is not a DER private key (PKCS#8 expected)") from None
+    if spec.kind == "rsa":
+        if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != spec.size:
+            raise MaterialError(f"a {spec.name} key needs an RSA private key of {spec.size} bits, "
+                                f"not {_describe(key)}")
+    elif not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, spec.curve):
+        raise MaterialError(f"a {spec.name} key needs an EC private key on {spec.curve.name}, not {_describe(key)}")
+    return _pkcs8(key)
+
+
+def _describe(key) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"an RSA key of {key.key_size} bits"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"an EC key on {key.curve.name}"
+    return f"a {type(key).__name__.removeprefix('_').replace('PrivateKey', '')} key"

@@ -29,9 +29,10 @@ from urllib.parse import unquote
 import h11
 import trio
 
-from . import auth
-from .api import INLINE_OPERATIONS, MAX_BODY, Caller, Kms, KmsApiError, Result, caller_for_access_key, caller_for_uid
+from . import auth, fasthttp, material
+from .api import INLINE_OPERATIONS, MAX_BODY, THREADED_READ_OPERATIONS, Caller, Kms, KmsApiError, Result, caller_for_access_key, caller_for_uid
 from .reqlog import RequestLog
+from .shared import SharedWrites
 from .store import Store
 from .strict import StrictHuawei
 
@@ -199,10 +200,34 @@ def _raw_error(status: int, code: str, msg: str, extra: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
 
 
+@dataclass
+class WorkerRole:
+    """What one worker process of ``kms serve --workers N`` (kms/workers.py) gets: the listening
+    sockets made by the parent, which also removes the socket file; its index (worker 0 runs
+    the sweep); the shared write lock and generation counter."""
+
+    index: int
+    unix: socket.socket
+    tcp: list[socket.socket]
+    shared: SharedWrites
+
+
+class _Wire:
+    """Bytes of one connection read for the fast path and not yet used (pipelined requests)."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+
 class Server:
-    def __init__(self, config: ServerConfig, store: Store) -> None:
+    def __init__(self, config: ServerConfig, store: Store, role: WorkerRole | None = None) -> None:
         self.config = config
         self.store = store
+        self._role = role
+        self._shared = role.shared if role is not None else None
+        self._write_turn = trio.Lock()
         self.kms = Kms(store)
         self._handle = StrictHuawei(self.kms.handle) if config.strict_huawei else self.kms.handle
         self._writes = trio.CapacityLimiter(1)
@@ -239,15 +264,20 @@ class Server:
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._raise_fd_limit()
-        listeners = [await self._unix_listener()]
+        if self._role is not None:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s))
+                         for s in (self._role.unix, *self._role.tcp)]
+        else:
+            listeners = [await self._unix_listener()]
         try:
-            if self.config.listen:
+            if self.config.listen and self._role is None:
                 host, port = self.config.listen
                 listeners += await trio.open_tcp_listeners(port, host=host)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._audit_flusher)
-                nursery.start_soon(self._sweeper)
+                if self._role is None or self._role.index == 0:
+                    nursery.start_soon(self._sweeper)
                 nursery.start_soon(self._accept_loop, listeners[0], False)
                 for tcp in listeners[1:]:
                     nursery.start_soon(self._accept_loop, tcp, True)
@@ -257,6 +287,8 @@ class Server:
                 if self.config.strict_huawei:
                     where += " (strict Huawei mode: no x-encfs-* extensions, foreign ciphertexts)"
                 c = self.config
+                if self._role is not None:
+                    where += f" (worker {self._role.index})"
                 log.info("serving project %s on %s (data dir %s)", c.project_id, where, c.data_dir)
                 log.info("limits: %d connections (%d per uid/IP), %s requests/s per caller, timeouts "
                          "header %gs body %gs idle %gs", self._max_connections, c.max_connections_per_peer,
@@ -280,40 +312,11 @@ class Server:
                 return
 
     async def _unix_listener(self) -> trio.SocketListener:
-        path = self.config.socket_path
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)     # stale socket of a daemon that died
-            else:
-                raise OSError(errno.EADDRINUSE, f"another daemon already answers at {path}")
-            finally:
-                probe.close()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Create the socket inaccessible, then open it up to the requested mode: no window in
-        # which another user could connect.
-        old = os.umask(0o177)
-        try:
-            await sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, self.config.socket_mode)
-        self._sock_ino = os.stat(path).st_ino
-        sock.listen(1024)
-        return trio.SocketListener(sock)
+        sock, self._sock_ino = bind_unix(self.config.socket_path, self.config.socket_mode)
+        return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     def _remove_socket(self) -> None:
-        try:
-            if self._sock_ino is not None and os.stat(self.config.socket_path).st_ino == self._sock_ino:
-                os.unlink(self.config.socket_path)
-        except OSError:
-            pass
+        remove_unix(self.config.socket_path, self._sock_ino)
 
     async def _audit_flusher(self) -> None:
         # Batching: one small commit per interval instead of one per request. A commit of
@@ -327,8 +330,9 @@ class Server:
     async def _sweeper(self) -> None:
         while True:
             await trio.sleep(SWEEP_INTERVAL)
+            self._refresh()
             if self.kms.sweep_due():
-                destroyed, rotated = await trio.to_thread.run_sync(self.kms.sweep, limiter=self._writes)
+                destroyed, rotated = await self._write(self.kms.sweep)
                 if destroyed or rotated:
                     log.info("sweep: destroyed %d key(s), rotated %d key(s)", destroyed, rotated)
 
@@ -405,12 +409,14 @@ class Server:
                     reason = "no TLS"
                     return
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+            wire = _Wire()
             async with stream:
                 while True:
-                    reason = await self._one_request(conn, stream, caller, peer)
+                    reason = await self._one_request(conn, stream, caller, peer, wire)
                     if reason or conn.our_state is h11.MUST_CLOSE:
                         return
-                    conn.start_next_cycle()
+                    if conn.our_state is h11.DONE:      # not after a request of the fast path
+                        conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             reason = "reset"
             return
@@ -479,14 +485,66 @@ class Server:
             return True
         return False
 
+    async def _fast_request(self, conn: h11.Connection, stream: trio.SocketStream, caller: Caller | None,
+                            peer: str, wire: _Wire) -> str | None:
+        """The fast path (kms/fasthttp.py): a simple request that arrived whole is parsed and
+        answered without h11. None: not such a request; its bytes are h11's now (the slow path
+        goes on from them: its header deadline starts after this first read, at most one
+        header_timeout later than it would have)."""
+        raw = stream.socket if type(stream) is trio.SocketStream else None
+        if not wire.pending:
+            data = None
+            with trio.CancelScope(deadline=trio.current_time() + self.config.idle_timeout):
+                # The trio socket itself on plain connections: SocketStream's wrappers cost more
+                # than the recv(2) here. Any OSError ends the connection, as SocketStream's would.
+                if raw is None:
+                    data = await stream.receive_some(65536)
+                else:
+                    try:
+                        data = await raw.recv(65536)
+                    except OSError as e:
+                        raise trio.BrokenResourceError(f"recv: {e.strerror}") from None
+            if data is None:
+                return "idle timeout"
+            if not data:
+                return "closed by peer"
+            wire.pending = data
+        req = fasthttp.parse(wire.pending, MAX_HEADER_BYTES, MAX_BODY)
+        if req is None:
+            conn.receive_data(wire.pending)
+            wire.pending = b""
+            return None
+        wire.pending = wire.pending[req.consumed:]
+        start = time.perf_counter()
+        result, op, caller, limited = await self._dispatch(req.method, req.target, req.headers, req.body,
+                                                           caller, peer)
+        data = fasthttp.response(result.status, _REASONS.get(result.status, ""), *self._reply_parts(result))
+        if raw is not None:
+            # The reply is small and the socket's buffer is almost always free: one send(2) without
+            # trio's wrappers and scheduling round (a quarter of the daemon's CPU per request went
+            # there). The next receive is a checkpoint, so other connections still get their turn.
+            try:
+                data = data[os.write(raw.fileno(), data):]
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise trio.BrokenResourceError(f"send: {e.strerror}") from None
+        if data:
+            await self._send_bytes(stream, data)
+        return self._after(result, op, caller, limited, req.method, req.target, peer, start)
+
     async def _one_request(self, conn: h11.Connection, stream: trio.SocketStream, caller: Caller | None,
-                           peer: str) -> str:
+                           peer: str, wire: _Wire) -> str:
         """Read and answer one request. Returns '' to go on, else why the connection ends.
 
         Deadlines are absolute, so a client sending a byte at a time cannot stretch them:
         idle_timeout for the first byte of a request, header_timeout from there to the end of
         the headers, body_timeout from there to the end of the body."""
         cfg = self.config
+        if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+            reason = await self._fast_request(conn, stream, caller, peer, wire)
+            if reason is not None:
+                return reason
         try:
             started = bool(conn.trailing_data[0])       # pipelined bytes already here
             deadline = trio.current_time() + (cfg.header_timeout if started else cfg.idle_timeout)
@@ -549,6 +607,12 @@ class Server:
         target = event.target.decode("ascii", "replace")
         result, op, caller, limited = await self._dispatch(method, target, headers, bytes(body), caller, peer)
         await self._send(conn, stream, result)
+        return self._after(result, op, caller, limited, method, target, peer, start)
+
+    def _after(self, result: Result, op: str, caller: Caller | None, limited: bool, method: str, target: str,
+               peer: str, start: float) -> str:
+        """After a reply: the audit record and the request log line."""
+        cfg = self.config
         label = caller.label if caller else "anonymous"
         if limited:
             # Not audited (a flood would only fill audit.db); a warning every 10 s says who.
@@ -605,10 +669,14 @@ class Server:
                     k, _, v = part.partition("=")
                     query[unquote(k)] = unquote(v)
             if op in INLINE_OPERATIONS:
+                self._refresh()
                 result = self._handle(caller, method, op, query, body)
-            else:
+            elif op in THREADED_READ_OPERATIONS and self._shared is not None:
+                self._refresh()
                 result = await trio.to_thread.run_sync(self._handle, caller, method, op, query, body,
                                                        limiter=self._writes)
+            else:
+                result = await self._write(self._handle, caller, method, op, query, body)
             return result, op, caller, False
         except KmsApiError as e:
             return Result(e.status, e.body(), error_code=e.code), op, caller, False
@@ -622,12 +690,43 @@ class Server:
             e = KmsApiError("KMS.0101", "internal error in the KMS; see its log")
             return Result(e.status, e.body(), error_code=e.code), op, caller, False
 
+    def _refresh(self) -> None:
+        """Workers: reload the store's mirror when another worker wrote since (kms/shared.py).
+        On the event loop, never while this worker's write thread runs (that holds the lock,
+        so the counter cannot move)."""
+        shared = self._shared
+        if shared is not None and shared.moved():
+            g = shared.current()        # read first: a write during the reload moves it again
+            self.store.reload()
+            shared.seen = g
+            material.retain(self.store.live_material())
+
+    async def _write(self, fn, *args):
+        """Run an operation that may write (or is slow) in a thread. Workers: under the shared
+        write lock, on a fresh mirror, and with the counter bumped before the reply if keys.db
+        changed, so that every worker sees the write at its next request."""
+        shared = self._shared
+        if shared is None:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._writes)
+        async with self._write_turn:
+            await trio.to_thread.run_sync(shared.acquire, limiter=self._writes)
+            try:
+                self._refresh()
+                before = self.store.changes()
+                try:
+                    return await trio.to_thread.run_sync(fn, *args, limiter=self._writes)
+                finally:
+                    if self.store.changes() != before:
+                        shared.bump()
+            finally:
+                shared.release()
+
     def _too_many(self, who: str) -> Result:
         e = KmsApiError("APIGW.0308", f"the throttling threshold has been reached: at most "
                                       f"{self.config.rate_limit:g} requests per second for {who}")
         return Result(e.status, e.body(), error_code=e.code)
 
-    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, result: Result, close: bool = False) -> None:
+    def _reply_parts(self, result: Result, close: bool = False) -> tuple[list[tuple[str, str]], bytes]:
         payload = json.dumps(result.body, separators=(",", ":")).encode()
         headers = [("Content-Type", "application/json;charset=UTF-8"), ("Content-Length", str(len(payload))),
                    ("X-Request-Id", f"{self._id_prefix}{next(self._request_ids):012x}")]
@@ -635,15 +734,86 @@ class Server:
             headers.append(("Retry-After", "1"))
         if close:
             headers.append(("Connection", "close"))
+        return headers, payload
+
+    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, result: Result, close: bool = False) -> None:
+        headers, payload = self._reply_parts(result, close)
         data = conn.send(h11.Response(status_code=result.status, headers=headers,
                                       reason=_REASONS.get(result.status, "").encode()))
         data += conn.send(h11.Data(data=payload))
         data += conn.send(h11.EndOfMessage())
+        await self._send_bytes(stream, data)
+
+    async def _send_bytes(self, stream: trio.SocketStream, data: bytes) -> None:
         # A client that does not read its replies must not hold the task forever.
         with trio.CancelScope(deadline=trio.current_time() + self.config.idle_timeout) as scope:
             await stream.send_all(data)
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("the client did not read its reply")
+
+
+def bind_unix(path: str, mode: int) -> tuple[socket.socket, int]:
+    """The listening Unix socket at ``path`` and its inode (to remove only our own at exit).
+    A stale socket of a daemon that died is replaced; a live one is refused."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)     # stale socket of a daemon that died
+        else:
+            raise OSError(errno.EADDRINUSE, f"another daemon already answers at {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Create the socket inaccessible, then open it up to the requested mode: no window in
+    # which another user could connect.
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    ino = os.stat(path).st_ino
+    sock.listen(1024)
+    return sock, ino
+
+
+def remove_unix(path: str, ino: int | None) -> None:
+    """Remove the socket file if it is still the one we bound (not a successor's)."""
+    try:
+        if ino is not None and os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening TCP sockets for --listen HOST:PORT, as trio.open_tcp_listeners makes them (one
+    per address family the host resolves to), for worker processes to share."""
+    socks = []
+    try:
+        for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+            s.listen(1024)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
 def _printable(text: str) -> str:
@@ -659,8 +829,12 @@ _VERSION = {"id": "v1.0", "links": [], "version": "", "status": "CURRENT",
             "updated": "2026-01-01T00:00:00Z", "min_version": ""}
 
 
-def serve(config: ServerConfig) -> int:
-    """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
+def serve(config: ServerConfig, workers: int = 1) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the exit status. ``workers`` > 1: that many
+    processes on the one socket and store (kms/workers.py)."""
+    if workers > 1:
+        from .workers import serve_workers
+        return serve_workers(config, workers)
     store = Store(config.data_dir, clock=make_clock(config.clock_file), passphrase=config.passphrase)
     try:
         trio.run(Server(config, store).run)

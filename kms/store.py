@@ -401,22 +401,30 @@ class Store:
     """
 
     def __init__(self, data_dir: str, clock: Callable[[], int] | None = None, passphrase: bytes | None = None,
-                 scrypt_n: int = SCRYPT_N) -> None:
+                 scrypt_n: int = SCRYPT_N, *, worker_of: bytes | None = None) -> None:
+        """``worker_of``: the root key, for a worker process of ``kms serve --workers N``; the
+        parent holds the exclusive flock on ``lock`` for all of them (kms/workers.py) and the
+        workers serialise their writes through kms/shared.py."""
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock or (lambda: int(time.time() * 1000))
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         _check_private_dir(self.data_dir)
-        self._lock_fd = os.open(os.path.join(self.data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd: int | None = None
+        if worker_of is None:
+            self._lock_fd = os.open(os.path.join(self.data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                raise StoreError(f"another kms daemon is using {self.data_dir}") from None
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreError(f"another kms daemon is using {self.data_dir}") from None
-        try:
-            self._aead = AESGCM(load_or_create_root_key(self.data_dir, passphrase, scrypt_n))
+            self._root_key = worker_of if worker_of is not None else \
+                load_or_create_root_key(self.data_dir, passphrase, scrypt_n)
         except BaseException:
-            os.close(self._lock_fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise
+        self._aead = AESGCM(self._root_key)
         self._lock = threading.RLock()
         self._db = self._open(os.path.join(self.data_dir, KEYS_DB), "FULL", _KEYS_SCHEMA)
         self._audit_db = self._open(os.path.join(self.data_dir, AUDIT_DB), "NORMAL", _AUDIT_SCHEMA)
@@ -426,6 +434,33 @@ class Store:
         self._audit_pending: collections.deque[AuditRecord] = collections.deque()
         self._load()
 
+    def root_key_for_workers(self) -> bytes:
+        """The root key, handed to the worker processes forked by kms/workers.py (never written)."""
+        return self._root_key
+
+    def detach_for_workers(self) -> int:
+        """Close the databases before forking workers (an SQLite connection must not cross a
+        fork); keep and return the fd of the exclusive ``lock``, which the workers inherit."""
+        self.flush_audit()
+        with self._lock:
+            self._db.close()
+            self._audit_db.close()
+        fd, self._lock_fd = self._lock_fd, None
+        self._material = {}         # the parent serves nothing: keep no key material in it
+        return fd
+
+    def reload(self) -> None:
+        """Read the mirror again from keys.db: another worker process wrote (kms/shared.py)."""
+        with self._lock:
+            self._load()
+
+    def changes(self) -> int:
+        """Rows this process changed in keys.db so far: a write happened when it moved."""
+        return self._db.total_changes
+
+    def live_material(self) -> set[bytes]:
+        return set(self._material.values())
+
     @staticmethod
     def _open(path: str, sync: str, schema: str) -> sqlite3.Connection:
         # check_same_thread=False: the server runs writes in a worker thread; self._lock
@@ -433,6 +468,8 @@ class Store:
         _private_file(path)
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
+        # Worker processes (kms serve --workers) share the files: wait for a lock, never fail.
+        db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync}")
         db.execute("PRAGMA foreign_keys=ON")
@@ -445,41 +482,51 @@ class Store:
         return db
 
     def _load(self) -> None:
-        self._keys: dict[str, KeyRecord] = {}
-        self._by_alias: dict[tuple[str, str], str] = {}
-        self._versions: dict[str, list[VersionRecord]] = {}
-        self._material: dict[tuple[str, int], bytes] = {}
-        self._damaged: dict[tuple[str, int], str] = {}
-        self._grants: dict[str, GrantRecord] = {}
-        self._aliases: dict[tuple[str, str], AliasRecord] = {}
+        # Built aside and swapped in at the end: a reload (kms serve --workers, another worker
+        # wrote) may run while a thread of this process reads the mirror; it sees the old
+        # mirror or the new one, never a half-filled one.
+        keys: dict[str, KeyRecord] = {}
+        by_alias: dict[tuple[str, str], str] = {}
+        versions: dict[str, list[VersionRecord]] = {}
+        materials: dict[tuple[str, int], bytes] = {}
+        damaged: dict[tuple[str, int], str] = {}
+        grants: dict[str, GrantRecord] = {}
+        aliases: dict[tuple[str, str], AliasRecord] = {}
         for r in self._db.execute("SELECT * FROM keys ORDER BY rowid"):
-            self._put_key(_row_to_key(r))
+            k = _row_to_key(r)
+            keys[k.key_id] = k
+            if k.alias is not None:
+                by_alias[(k.owner, k.alias)] = k.key_id
         for r in self._db.execute("SELECT key_id, version, creation_ms, wrapped FROM key_versions "
                                   "ORDER BY key_id, version"):
-            self._versions.setdefault(r["key_id"], []).append(
+            versions.setdefault(r["key_id"], []).append(
                 VersionRecord(r["key_id"], r["version"], r["creation_ms"]))
-            k = self._keys.get(r["key_id"])
+            k = keys.get(r["key_id"])
             if r["wrapped"] is not None and k is not None and k.destroyed_ms is None:
                 # Every live version unwrapped now, so that no request ever waits for SQLite. One
                 # that does not authenticate fails its own requests, not the daemon's start.
                 try:
-                    self._material[(r["key_id"], r["version"])] = self._unwrap(r["key_id"], r["version"],
-                                                                               r["wrapped"])
+                    materials[(r["key_id"], r["version"])] = self._unwrap(r["key_id"], r["version"], r["wrapped"])
                 except StoreError as e:
-                    self._damaged[(r["key_id"], r["version"])] = str(e)
+                    damaged[(r["key_id"], r["version"])] = str(e)
         for r in self._db.execute("SELECT * FROM grants ORDER BY rowid"):
             g = _row_to_grant(r)
-            self._grants[g.grant_id] = g
+            grants[g.grant_id] = g
         for r in self._db.execute("SELECT * FROM aliases ORDER BY rowid"):
             a = AliasRecord(r["owner"], r["alias"], r["key_id"], r["create_ms"], r["update_ms"])
-            self._aliases[(a.owner, a.alias)] = a
+            aliases[(a.owner, a.alias)] = a
+        # material and versions before keys: a reader that finds a new key finds its material
+        self._material, self._damaged, self._versions = materials, damaged, versions
+        self._grants, self._aliases = grants, aliases
+        self._keys, self._by_alias = keys, by_alias
 
     def close(self) -> None:
         self.flush_audit()
         with self._lock:
             self._db.close()
             self._audit_db.close()
-        os.close(self._lock_fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
 
     # ---- in-memory lookups -------------------------------------------------------------
 

@@ -7,6 +7,11 @@ the wrapping public key (RSAES-OAEP, SHA-256 or SHA-1), is imported with the tok
 then enabled. Imported material may carry an expiration time, after which the sweep deletes it
 and the key waits for an import again; the same material can be imported again (Huawei: only
 the same material), other material is refused.
+
+Asymmetric keys (RSA, EC) are imported by Huawei's two-layer scheme (its user guide, "importing
+key material"): ``encrypted_key_material`` is a temporary AES-256 key encrypted with the wrapping
+public key, ``encrypted_privatekey`` the PKCS#8 DER private key wrapped under that temporary key
+with AES key wrap with padding (RFC 5649, ``openssl enc -id-aes256-wrap-pad``).
 """
 
 from __future__ import annotations
@@ -60,10 +65,10 @@ def _parameters(self: Kms, ctx: Ctx, body: dict, _: dict) -> dict:
                                              "encrypted_privatekey", "expiration_time"))
 def _import(self: Kms, ctx: Ctx, body: dict, _: dict) -> dict:
     k = _external(self, ctx, body)
+    spec = self.spec(k)
     token = get_str(body, "import_token", required=True, code="KMS.2601", max_len=6144)
     encrypted = get_b64(body, "encrypted_key_material", code="KMS.2603", min_len=1, max_len=1024)
-    if present(body, "encrypted_privatekey"):
-        raise KmsApiError("KMS.0308", "encrypted_privatekey: importing asymmetric keys is not supported here")
+    wrapped_private = _wrapped_private(spec, body)
     expiration = get_num(body, "expiration_time", code="KMS.2605")
     expiration_ms = None
     if expiration is not None:
@@ -77,15 +82,11 @@ def _import(self: Kms, ctx: Ctx, body: dict, _: dict) -> dict:
     if p.expiry_ms <= self.now:
         raise KmsApiError("KMS.2602", "the import token expired; call get-parameters-for-import again")
     try:
-        key_material = material.unwrap_import(p.private_key, p.wrapping_algorithm, encrypted)
+        unwrapped = material.unwrap_import(p.private_key, p.wrapping_algorithm, encrypted)
     except material.MaterialError:
         raise KmsApiError("KMS.2603", f"encrypted_key_material does not decrypt with the wrapping key "
                                       f"({p.wrapping_algorithm})") from None
-    spec = self.spec(k)
-    try:
-        material.check_imported(spec, key_material)
-    except material.MaterialError as e:
-        raise KmsApiError("KMS.2604", str(e)) from None
+    key_material = _imported_material(spec, unwrapped, wrapped_private)
     digest = hashlib.sha256(key_material).digest()
     before = self.store.imported_digest(k.key_id)
     if before is not None and not hmac.compare_digest(before, digest):
@@ -96,10 +97,51 @@ def _import(self: Kms, ctx: Ctx, body: dict, _: dict) -> dict:
     return {}
 
 
+def _wrapped_private(spec: material.Spec, body: dict) -> bytes | None:
+    """encrypted_privatekey: required for an asymmetric key (Huawei's scheme: the private key
+    wrapped under the temporary key that encrypted_key_material carries), refused for a
+    symmetric one, whose material is encrypted_key_material itself."""
+    if spec.symmetric:
+        if present(body, "encrypted_privatekey"):
+            raise KmsApiError("KMS.0308", f"encrypted_privatekey is for asymmetric keys; a {spec.name} key "
+                                          f"takes its material in encrypted_key_material alone")
+        return None
+    if not present(body, "encrypted_privatekey"):
+        raise KmsApiError("KMS.0204", f"encrypted_privatekey is required to import a {spec.name} key: the "
+                                      f"private key wrapped (AES key wrap with padding) under the temporary "
+                                      f"AES-256 key sent in encrypted_key_material")
+    # The SDK documents 200-6144 base64 characters; a P-256 key in PKCS#8 without its public
+    # half wraps to fewer, so the lower bound is the key wrap's own minimum (docs/KMS.md).
+    return get_b64(body, "encrypted_privatekey", code="KMS.2603", min_len=16, max_len=4608)
+
+
+def _imported_material(spec: material.Spec, unwrapped: bytes, wrapped_private: bytes | None) -> bytes:
+    """What the store keeps for an import: the raw symmetric key, or the private key in PKCS#8 DER.
+    Material (or a temporary key) of the wrong size or kind is KMS.2604; a private key that does
+    not unwrap under the temporary key is KMS.2603, like material that does not decrypt."""
+    try:
+        if wrapped_private is None:
+            material.check_imported(spec, unwrapped)
+            return unwrapped
+        if len(unwrapped) != material.TEMPORARY_KEY_BYTES:
+            raise KmsApiError("KMS.2604", f"encrypted_key_material of a {spec.name} key must carry the "
+                                          f"temporary AES-256 key ({material.TEMPORARY_KEY_BYTES} bytes), "
+                                          f"not {len(unwrapped)} bytes")
+        try:
+            der = material.unwrap_private_import(unwrapped, wrapped_private)
+        except material.MaterialError as e:
+            raise KmsApiError("KMS.2603", str(e)) from None
+        return material.check_imported_private(spec, der)
+    except material.MaterialError as e:
+        raise KmsApiError("KMS.2604", str(e)) from None
+
+
 @route("POST", "delete-imported-key-material", fields=("key_id",))
 def _delete_material(self: Kms, ctx: Ctx, body: dict, _: dict) -> dict:
     k = _external(self, ctx, body)
-    if self.store.material(k.key_id, k.current_version) is None:
+    old = self.store.material(k.key_id, k.current_version)
+    if old is None:
         raise KmsApiError("KMS.2701", f"key {k.key_id} has no imported material")
     self.store.delete_material(k.key_id)
+    material.forget(old)                     # no parsed private key object outlives its material
     return {}

@@ -13,7 +13,8 @@ from ..validate import AUDIT_AAD_MAX, KEY_ID_RE, get_enum, get_num, get_str, ms_
 
 def _create_spec(body: dict) -> tuple[material.Spec, str, str]:
     """(spec, key_usage, origin) of a create-key request, by Huawei's rules: each spec has the
-    usages it allows (the first is the default); imported material only for symmetric specs."""
+    usages it allows (the first is the default); every spec here may be of origin external
+    (symmetric material imported raw, RSA/EC private keys by Huawei's two-layer wrapping)."""
     name = get_str(body, "key_spec", default="AES_256")
     if name in material.REFUSED_SPECS:
         raise KmsApiError("KMS.0308", f"key_spec {name} is not supported by this KMS: {material.REFUSED_SPECS[name]}")
@@ -24,8 +25,6 @@ def _create_spec(body: dict) -> tuple[material.Spec, str, str]:
     if usage not in spec.usages:
         raise KmsApiError("KMS.0308", f"key_usage of a {name} key must be {' or '.join(spec.usages)}")
     origin = get_enum(body, "origin", ("kms", "external"), default="kms")
-    if origin == "external" and not spec.importable:
-        raise KmsApiError("KMS.0308", f"origin external is supported here for symmetric keys only, not {name}")
     keystore = get_str(body, "keystore_id", default="0")
     if keystore != "0":
         raise KmsApiError("KMS.0308", "keystore_id must be 0: this KMS has only the default key store")

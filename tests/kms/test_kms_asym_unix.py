@@ -14,6 +14,8 @@ import subprocess
 import threading
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from encfs.pytest_plugin import short_tempdir, start_kms_server
 from kms.cli import main
@@ -132,6 +134,67 @@ def test_cli_mac_pair_and_import(unix_kms, capsys):
     assert code == 2 and "cannot read" in err
 
 
+@pytest.mark.parametrize("spec,genpkey,alg,sigopts", [
+    ("EC_P256", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"], "ECDSA_SHA_256", []),
+    ("RSA_2048", ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"], "RSASSA_PSS_SHA_256",
+     ["-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:-1"]),
+])
+def test_openssl_wrapped_private_key_imports(unix_kms, capsys, spec, genpkey, alg, sigopts):
+    """Huawei's documented openssl steps for an asymmetric import, run with the openssl binary:
+    genpkey, PKCS#8 DER, `enc -id-aes256-wrap-pad` under a temporary AES-256 key, `pkeyutl
+    -encrypt` of that key with the wrapping public key; then a signature made in the KMS with the
+    imported key verifies with openssl against the original key's public half."""
+    server, workdir = unix_kms
+    d = short_tempdir("kms-ossl-imp-")
+    try:
+        alias = f"ossl-import/{spec}"
+        assert cli(server, capsys, "create-key", "--alias", alias, "--spec", spec, "--external")[0] == 0
+        f = {n: os.path.join(d, n) for n in ("key.pem", "key.der", "pub.pem", "wrap.der", "tmp.bin",
+                                             "tmp.wrapped", "key.wrapped", "msg", "sig")}
+        for args in (["genpkey", *genpkey, "-out", f["key.pem"]],
+                     ["pkcs8", "-topk8", "-nocrypt", "-in", f["key.pem"], "-outform", "DER", "-out", f["key.der"]],
+                     ["pkey", "-in", f["key.pem"], "-pubout", "-out", f["pub.pem"]],
+                     ["rand", "-out", f["tmp.bin"], "32"]):
+            r = openssl(*args)
+            assert r.returncode == 0, r.stderr
+        with server.client as c:
+            kid = c.key_id(alias)
+            p = c.call("get-parameters-for-import", {"key_id": kid, "wrapping_algorithm": "RSAES_OAEP_SHA_256"})
+            with open(f["wrap.der"], "wb") as out:
+                out.write(base64.b64decode(p["public_key"]))
+            tmp_hex = open(f["tmp.bin"], "rb").read().hex()
+            for args in (["pkeyutl", "-encrypt", "-pubin", "-keyform", "DER", "-inkey", f["wrap.der"],
+                          "-in", f["tmp.bin"], "-out", f["tmp.wrapped"], "-pkeyopt", "rsa_padding_mode:oaep",
+                          "-pkeyopt", "rsa_oaep_md:sha256", "-pkeyopt", "rsa_mgf1_md:sha256"],
+                         ["enc", "-id-aes256-wrap-pad", "-K", tmp_hex, "-iv", "A65959A6",
+                          "-in", f["key.der"], "-out", f["key.wrapped"]]):
+                r = openssl(*args)
+                assert r.returncode == 0, r.stderr
+            assert c.call("import-key-material", {
+                "key_id": kid, "import_token": p["import_token"],
+                "encrypted_key_material": base64.b64encode(open(f["tmp.wrapped"], "rb").read()).decode(),
+                "encrypted_privatekey": base64.b64encode(open(f["key.wrapped"], "rb").read()).decode()}) == {}
+        with open(f["msg"], "wb") as out:
+            out.write(b"signed with an imported key\n")
+        code, _, err = cli(server, capsys, "sign", alias, "--file", f["msg"], "--algorithm", alg, "--out", f["sig"])
+        assert code == 0, err
+        r = openssl("dgst", "-sha256", "-verify", f["pub.pem"], "-signature", f["sig"], *sigopts, f["msg"])
+        assert r.returncode == 0 and "Verified OK" in r.stdout, r.stdout + r.stderr
+        # the CLI's own import FILE takes the PEM private key and does both layers itself
+        alias2 = f"cli-import/{spec}"
+        assert cli(server, capsys, "create-key", "--alias", alias2, "--spec", spec, "--external")[0] == 0
+        code, out, err = cli(server, capsys, "import-key-material", alias2, f["key.pem"])
+        assert code == 0 and f"a {spec} private key" in out, err
+        code, out, _ = cli(server, capsys, "get-public-key", alias2)
+        assert code == 0 and out.strip() == open(f["pub.pem"]).read().strip()
+        # a file that is no private key: one line, no traceback
+        assert cli(server, capsys, "delete-imported-key-material", alias2)[0] == 0
+        code, _, err = cli(server, capsys, "import-key-material", alias2, f["msg"])
+        assert code == 2 and "is not an unencrypted private key" in err and "Traceback" not in err
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_strict_request_fields(unix_kms):
     server, _ = unix_kms
     with server.client as c:
@@ -176,15 +239,30 @@ def test_kill9_during_imports_and_signing(capsys):
         with open(keyfile, "wb") as f:
             f.write(material)
 
+        # every other import is of an EC private key (Huawei's two-layer wrapping)
+        ec_private = ec.generate_private_key(ec.SECP256R1())
+        ec_file = os.path.join(workdir, "ec.pem")
+        with open(ec_file, "wb") as f:
+            f.write(ec_private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+        ec_pub = ec_private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        acked_ec: list[str] = []
+
         def importer():
             i = 0
             while not stop.is_set():
+                asym = i % 2 == 1
                 try:
                     with server.client as c:
-                        kid = c.call("create-key", {"key_alias": f"kill/ext{i}", "origin": "external"})["key_info"]["key_id"]
+                        body = {"key_alias": f"kill/ext{i}", "origin": "external"}
+                        if asym:
+                            body["key_spec"] = "EC_P256"
+                        kid = c.call("create-key", body)["key_info"]["key_id"]
                         i += 1
-                        if main(["--socket", server.socket_path, "import-key-material", kid, keyfile]) == 0:
-                            acked_imports.append(kid)
+                        if main(["--socket", server.socket_path, "import-key-material", kid,
+                                 ec_file if asym else keyfile]) == 0:
+                            (acked_ec if asym else acked_imports).append(kid)
                 except (KmsError, OSError):
                     return
 
@@ -204,14 +282,15 @@ def test_kill9_during_imports_and_signing(capsys):
         for t in threads:
             t.start()
         deadline = __import__("time").monotonic() + 60
-        while (len(acked_imports) < 3 or len(acked_sigs) < 20) and __import__("time").monotonic() < deadline:
+        while (len(acked_imports) < 3 or len(acked_ec) < 3 or len(acked_sigs) < 20) \
+                and __import__("time").monotonic() < deadline:
             __import__("time").sleep(0.05)
         server.kill()                 # in the middle of an import and of a signature, most likely
         stop.set()
         for t in threads:
             t.join(30)
         capsys.readouterr()
-        assert len(acked_imports) >= 3 and len(acked_sigs) >= 20
+        assert len(acked_imports) >= 3 and len(acked_ec) >= 3 and len(acked_sigs) >= 20
         server.start()
         with server.client as c:
             assert c.call("get-publickey", {"key_id": sig_key})["public_key"] == pub
@@ -223,10 +302,18 @@ def test_kill9_during_imports_and_signing(capsys):
                 assert c.describe_key(kid)["key_state"] == "2", kid
                 dek, ct = c.create_datakey(kid)
                 assert c.decrypt_datakey(kid, ct) == dek
+            for kid in acked_ec:
+                assert c.describe_key(kid)["key_state"] == "2", kid
+                assert c.call("get-publickey", {"key_id": kid})["public_key"].strip() == ec_pub.strip()
+                sig = c.call("sign", {"key_id": kid, "message": base64.b64encode(b"after").decode(),
+                                      "signing_algorithm": "ECDSA_SHA_256", "message_type": "RAW"})["signature"]
+                ec_private.public_key().verify(base64.b64decode(sig), b"after", ec.ECDSA(hashes.SHA256()))
             # a key caught between create and import waits for its import, and takes it
             waiting = [k for k in c.call("list-keys", {"key_spec": "ALL", "key_state": "5"})["keys"]]
-            for kid in waiting[:1]:
-                assert main(["--socket", server.socket_path, "import-key-material", kid, keyfile]) == 0
+            for kid in waiting[:2]:
+                asym = c.describe_key(kid)["key_spec"] == "EC_P256"
+                assert main(["--socket", server.socket_path, "import-key-material", kid,
+                             ec_file if asym else keyfile]) == 0
                 assert c.describe_key(kid)["key_state"] == "2"
     finally:
         server.stop()

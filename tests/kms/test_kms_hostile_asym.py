@@ -10,7 +10,8 @@ import os
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 from kms import material
 from kms.api import ERROR_CODES, Kms, caller_for_uid
@@ -106,13 +107,72 @@ def test_hostile_import(world):
     assert code(kms, "import-key-material", {**body, "expiration_time": "-1"}) == "KMS.2605"
     assert code(kms, "import-key-material", {**body, "expiration_time": 10**14}) == "KMS.2605"
     assert code(kms, "import-key-material", {**body, "expiration_time": clock.ms // 1000 - 1}) == "KMS.2605"
-    assert code(kms, "import-key-material", {**body, "encrypted_privatekey": "AAAA"}) == "KMS.0308"
+    # encrypted_privatekey belongs to asymmetric imports only
+    assert code(kms, "import-key-material", {**body, "encrypted_privatekey": b64(os.urandom(64))}) == "KMS.0308"
     assert code(kms, "import-key-material", {**body, "key_id": key(kms, "native", "AES_256")}) == "KMS.0309"
     assert code(kms, "import-key-material", body, BOB) == "KMS.0306"
     assert ok(kms, "import-key-material", body) == {}
     assert code(kms, "import-key-material", body) == "KMS.0310"          # a replay after success
     assert code(kms, "get-parameters-for-import", {"key_id": kid, "wrapping_algorithm": "RSAES_PKCS1"}) == "KMS.0308"
     assert code(kms, "create-key", {"key_alias": "e2", "origin": "elsewhere"}) == "KMS.0308"
+
+
+def _wrap_oaep(params: dict, data: bytes) -> str:
+    pub = serialization.load_der_public_key(base64.b64decode(params["public_key"]))
+    return b64(pub.encrypt(data, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)))
+
+
+def test_hostile_asymmetric_import(world):
+    """Huawei's two layers, each broken on its own: every failure is a documented code, the key
+    stays pending import, and nothing of the offered private key shows in a reply."""
+    kms, _, _ = world
+    kid = key(kms, "ext-ec", "EC_P256", origin="external")
+    p = ok(kms, "get-parameters-for-import", {"key_id": kid, "wrapping_algorithm": "RSAES_OAEP_SHA_256"})
+    temporary = os.urandom(32)
+    private = ec.generate_private_key(ec.SECP256R1())
+    der = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    body = {"key_id": kid, "import_token": p["import_token"], "encrypted_key_material": _wrap_oaep(p, temporary),
+            "encrypted_privatekey": b64(aes_key_wrap_with_padding(temporary, der))}
+    no_private = {k: v for k, v in body.items() if k != "encrypted_privatekey"}
+    assert code(kms, "import-key-material", no_private) == "KMS.0204"
+    replies = []
+    for bad in (
+        {"encrypted_privatekey": b64(os.urandom(152))},                                   # not a key wrap
+        {"encrypted_privatekey": b64(aes_key_wrap_with_padding(os.urandom(32), der))},    # another temp key
+        {"encrypted_privatekey": "not base64!"},
+        {"encrypted_privatekey": b64(os.urandom(8))},                                     # too short to be a wrap
+        {"encrypted_privatekey": 42},
+    ):
+        status, reply = call(kms, "import-key-material", {**body, **bad})
+        assert status == 400 and reply["error"]["error_code"] in ("KMS.2603", "KMS.0308"), reply
+        replies.append(json.dumps(reply))
+    wrong_kind = [
+        _wrap_oaep(p, temporary[:16]),                                                    # a 16-byte temp key
+    ]
+    for ekm in wrong_kind:
+        assert code(kms, "import-key-material", {**body, "encrypted_key_material": ekm}) == "KMS.2604"
+    for other in (ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP256K1()),
+                  rsa.generate_private_key(65537, 2048)):
+        other_der = other.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+        status, reply = call(kms, "import-key-material",
+                             {**body, "encrypted_privatekey": b64(aes_key_wrap_with_padding(temporary, other_der))})
+        assert reply["error"]["error_code"] == "KMS.2604", reply
+        replies.append(json.dumps(reply))
+    status, reply = call(kms, "import-key-material",
+                         {**body, "encrypted_privatekey": b64(aes_key_wrap_with_padding(temporary, os.urandom(200)))})
+    assert reply["error"]["error_code"] == "KMS.2604"
+    replies.append(json.dumps(reply))
+    assert ok(kms, "describe-key", {"key_id": kid})["key_info"]["key_state"] == "5"
+    assert ok(kms, "import-key-material", body) == {}
+    pub = ok(kms, "get-publickey", {"key_id": kid})["public_key"]
+    assert serialization.load_pem_public_key(pub.encode()).public_numbers() == private.public_key().public_numbers()
+    for reply in replies:
+        assert b64(der)[:40] not in reply and der.hex()[:40] not in reply
+    # a symmetric key of origin external refuses the asymmetric layout; RSA takes it
+    rkid = key(kms, "ext-rsa", "RSA_2048", origin="external", key_usage="ENCRYPT_DECRYPT")
+    assert ok(kms, "describe-key", {"key_id": rkid})["key_info"]["key_state"] == "5"
 
 
 def test_private_material_never_leaves(world):

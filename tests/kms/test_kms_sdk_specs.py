@@ -39,6 +39,8 @@ from huaweicloudsdkkms.v2 import (  # noqa: E402
     ShowVersionsRequest, SignRequest, SignRequestBody, Tag, TagItem, UpdateKeyAliasRequest,
     UpdateKeyAliasRequestBody, UpdateKeyDescriptionRequest, UpdateKeyDescriptionRequestBody,
     ValidateSignatureRequest, VerifyMacRequest, VerifyMacRequestBody, VerifyRequestBody)
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding  # noqa: E402
 
 PROJECT = "0123456789abcdef0123456789abcdef"
 USERS = {"alice": ("AKALICE0123456789ABC", "alice-secret-0123456789"),
@@ -377,7 +379,72 @@ def test_import_flow(tcp_kms):
             time.sleep(0.2)
     finally:
         open(clock, "w").close()
-    expect_error(lambda: create(c, "ext-rsa", "RSA_2048", origin="external"), "KMS.0308")
+
+
+def _pkcs8(private) -> bytes:
+    return private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+
+def _import_private(c, kid, params, private_der, temporary=None, hash_cls=hashes.SHA256):
+    """Huawei's asymmetric import: the PKCS#8 key wrapped (RFC 5649) under a temporary AES-256
+    key, the temporary key OAEP-wrapped with the wrapping public key."""
+    temporary = temporary if temporary is not None else os.urandom(32)
+    return c.import_key_material(ImportKeyMaterialRequest(body=ImportKeyMaterialRequestBody(
+        key_id=kid, import_token=params.import_token, encrypted_key_material=_wrap(params, temporary, hash_cls),
+        encrypted_privatekey=b64(aes_key_wrap_with_padding(temporary, private_der)))))
+
+
+@pytest.mark.parametrize("spec,alg,usage", [("RSA_2048", "RSASSA_PSS_SHA_256", "SIGN_VERIFY"),
+                                            ("EC_P256", "ECDSA_SHA_256", "SIGN_VERIFY"),
+                                            ("RSA_2048", None, "ENCRYPT_DECRYPT")])
+def test_import_asymmetric_flow(tcp_kms, spec, alg, usage):
+    port, clock = tcp_kms
+    c = sdk(port)
+    kid = create(c, f"imported-{spec}-{usage}", spec, usage=usage, origin="external")
+    assert c.list_key_detail(ListKeyDetailRequest(body=OperateKeyRequestBody(key_id=kid))).key_info.key_state == "5"
+    private = (rsa.generate_private_key(65537, 2048) if spec.startswith("RSA")
+               else ec.generate_private_key(ec.SECP256R1()))
+    der = _pkcs8(private)
+    p = _params(c, kid)
+    # wrong wrapping: SHA-1 OAEP against SHA-256 parameters; the private key without its layer;
+    # a key of another curve or size; an expired token
+    expect_error(lambda: _import_private(c, kid, p, der, hash_cls=hashes.SHA1), "KMS.2603")
+    expect_error(lambda: _import(c, kid, p.import_token, _wrap(p, os.urandom(32))), "KMS.0204")
+    other = ec.generate_private_key(ec.SECP384R1()) if spec.startswith("EC") else rsa.generate_private_key(65537, 3072)
+    expect_error(lambda: _import_private(c, kid, p, _pkcs8(other)), "KMS.2604")
+    with open(clock, "w") as f:
+        f.write(str(time.time() + 25 * 3600))
+    try:
+        expect_error(lambda: _import_private(c, kid, p, der), "KMS.2602")
+    finally:
+        open(clock, "w").close()
+    _import_private(c, kid, p, der)
+    assert c.list_key_detail(ListKeyDetailRequest(body=OperateKeyRequestBody(key_id=kid))).key_info.key_state == "2"
+    assert public_key(c, kid).public_numbers() == private.public_key().public_numbers()
+    if usage == "SIGN_VERIFY":
+        sig = base64.b64decode(sign(c, kid, alg, b"imported"))
+        if spec.startswith("EC"):
+            private.public_key().verify(sig, b"imported", ec.ECDSA(hashes.SHA256()))
+        else:
+            private.public_key().verify(sig, b"imported", padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                                        hashes.SHA256())
+    else:
+        ct = private.public_key().encrypt(b"to the imported key", padding.OAEP(
+            mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
+        back = c.decrypt_data(DecryptDataRequest(body=DecryptDataRequestBody(
+            key_id=kid, cipher_text=b64(ct), encryption_algorithm="RSAES_OAEP_SHA_256")))
+        assert back.plain_text == "to the imported key"
+    expect_error(lambda: c.rotate_on_demand(RotateOnDemandRequest(body=RotateOnDemandRequestBody(key_id=kid))),
+                 "KMS.0312")
+    # deleted, then only the same private key comes back
+    c.delete_imported_key_material(DeleteImportedKeyMaterialRequest(body=OperateKeyRequestBody(key_id=kid)))
+    p = _params(c, kid, "RSAES_OAEP_SHA_1")
+    fresh = (rsa.generate_private_key(65537, 2048) if spec.startswith("RSA")
+             else ec.generate_private_key(ec.SECP256R1()))
+    expect_error(lambda: _import_private(c, kid, p, _pkcs8(fresh), hash_cls=hashes.SHA1), "KMS.2606")
+    _import_private(c, kid, p, der, hash_cls=hashes.SHA1)
+    assert public_key(c, kid).public_numbers() == private.public_key().public_numbers()
 
 
 def test_tags_aliases_and_updates(tcp_kms):
