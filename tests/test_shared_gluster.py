@@ -142,3 +142,217 @@ def test_exclusive_and_shared_mounts_exclude_each_other(hosts):
         assert "mounted without --shared-backing" in res.stderr
     finally:
         assert excl.unmount() == 0
+
+
+def _kms_audit(kms, file_id: bytes) -> list[tuple[str, str, str]]:
+    import json
+    res = subprocess.run([sys.executable, "-m", "kms", "--socket", kms.socket_path,
+                          "--project-id", kms.project_id, "--json", "audit", "--aad",
+                          file_id.hex()], capture_output=True, text=True, check=True)
+    return [(r["operation"], r["outcome"], r["key_id"]) for r in json.loads(res.stdout)["records"]]
+
+
+def _sidecar(backing: str, rel: str):
+    from encfs import format as fmt
+    return fmt.decode_sidecar(open(os.path.join(backing, rel + ".sfskey"), "rb").read())
+
+
+def _hammer(workers, seconds_of_work: int) -> list[str]:
+    """Run ``workers`` (callables taking a stop event) in threads; their failures."""
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def run(fn):
+        try:
+            fn(stop)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            failures.append(f"{fn.__name__}: {e!r}")
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
+
+
+def _creator(mnt: str, names: list[str], rounds: int, tag: bytes, wins: list[str]):
+    """Create (O_EXCL), read back and remove files; only ENOENT/EEXIST are expected
+    answers when the other host works on the same names."""
+    def work(stop):
+        for r in range(rounds):
+            for n in names:
+                p = os.path.join(mnt, n)
+                body = tag * (100 + 37 * r)
+                try:
+                    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    pass
+                else:
+                    try:
+                        os.write(fd, body)
+                    finally:
+                        os.close(fd)
+                    wins.append(n)
+                try:
+                    with open(p, "rb") as f:
+                        got = f.read()
+                    # Whole content of one creator, or a file another host created and
+                    # has not written yet (empty): never a mix, never EIO.
+                    assert got == b"" or len(set(got)) == 1, (n, got[:40])
+                except FileNotFoundError:
+                    pass
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+    work.__name__ = f"creator-{tag.decode()}"
+    return work
+
+
+@pytest.mark.parametrize("names", ["distinct", "same"])
+def test_both_hosts_create_and_remove_in_one_directory(hosts, names):
+    """Claims "creation is exclusive across hosts" and "no host sees half a pair": two
+    hosts creating, reading and removing files in one directory at once, under distinct
+    and under the same names: no EIO, no mixed file, fsck clean afterwards."""
+    a, b = hosts.mount("a"), hosts.mount("b")
+    os.mkdir(os.path.join(a.mountpoint, "d"))
+    common = [f"n{i}" for i in range(8)]
+    na = common if names == "same" else [f"a{i}" for i in range(8)]
+    nb = common if names == "same" else [f"b{i}" for i in range(8)]
+    wins_a: list[str] = []
+    wins_b: list[str] = []
+    failures = _hammer([_creator(os.path.join(a.mountpoint, "d"), na, 6, b"A", wins_a),
+                        _creator(os.path.join(b.mountpoint, "d"), nb, 6, b"B", wins_b)], 0)
+    assert failures == []
+    assert wins_a and wins_b
+    assert os.listdir(os.path.join(a.mountpoint, "d")) == []
+    hosts.close()
+    _assert_fsck_clean(hosts.backing("a"))
+
+
+def test_one_name_created_on_both_hosts_at_once(hosts):
+    """Claim "creation is exclusive across hosts": one success and one EEXIST per name,
+    and the winner's content is what both hosts read."""
+    a, b = hosts.mount("a"), hosts.mount("b")
+    results: dict[str, dict[str, str]] = {"a": {}, "b": {}}
+    barrier = threading.Barrier(2)
+
+    def race(host, mnt):
+        def work(stop):
+            for i in range(20):
+                barrier.wait()
+                try:
+                    fd = os.open(os.path.join(mnt, f"r{i}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                except FileExistsError:
+                    results[host][f"r{i}"] = "EEXIST"
+                    continue
+                os.write(fd, host.encode() * 5000)
+                os.close(fd)
+                results[host][f"r{i}"] = "created"
+        work.__name__ = f"race-{host}"
+        return work
+
+    assert _hammer([race("a", a.mountpoint), race("b", b.mountpoint)], 0) == []
+    for i in range(20):
+        outcome = sorted([results["a"][f"r{i}"], results["b"][f"r{i}"]])
+        assert outcome == ["EEXIST", "created"], (i, outcome)
+        winner = "a" if results["a"][f"r{i}"] == "created" else "b"
+        for m in (a, b):
+            assert open(os.path.join(m.mountpoint, f"r{i}"), "rb").read() == \
+                winner.encode() * 5000
+
+
+def test_disjoint_writes_to_one_file_lose_nothing(hosts):
+    """Claim "block read-modify-write under a lock": both hosts write interleaved
+    1000-byte pieces of one file (sharing blocks, growing it) at once: every byte of both
+    is there."""
+    a, b = hosts.mount("a"), hosts.mount("b")
+    open(os.path.join(a.mountpoint, "shared.bin"), "wb").close()
+    piece, count = 1000, 200  # 200 kB: pieces of both hosts in every 16 KiB block
+
+    def writer(mnt, parity, tag):
+        def work(stop):
+            fd = os.open(os.path.join(mnt, "shared.bin"), os.O_WRONLY)
+            try:
+                for i in range(parity, count, 2):
+                    os.pwrite(fd, tag * piece, i * piece)
+            finally:
+                os.close(fd)
+        work.__name__ = f"writer-{tag.decode()}"
+        return work
+
+    assert _hammer([writer(a.mountpoint, 0, b"a"), writer(b.mountpoint, 1, b"b")], 0) == []
+    expected = b"".join((b"a" if i % 2 == 0 else b"b") * piece for i in range(count))
+    for m in (a, b):
+        assert open(os.path.join(m.mountpoint, "shared.bin"), "rb").read() == expected
+
+
+def test_renames_on_one_host_while_the_other_lists_and_reads(hosts):
+    """Claim "renames are locked pair changes": B lists and reads while A renames files
+    back and forth: every read gives the whole content or ENOENT, never EIO."""
+    a, b = hosts.mount("a"), hosts.mount("b")
+    contents = {f"f{i}": bytes([65 + i]) * (5000 + 1000 * i) for i in range(6)}
+    for n, data in contents.items():
+        with open(os.path.join(a.mountpoint, n), "wb") as f:
+            f.write(data)
+    done = threading.Event()
+    reads = []
+
+    def renamer(stop):
+        try:
+            for r in range(30):
+                for n in contents:
+                    src, dst = (n, n + ".moved") if r % 2 == 0 else (n + ".moved", n)
+                    os.rename(os.path.join(a.mountpoint, src), os.path.join(a.mountpoint, dst))
+        finally:
+            done.set()
+
+    def reader(stop):
+        while not done.is_set():
+            for n in os.listdir(b.mountpoint):
+                try:
+                    with open(os.path.join(b.mountpoint, n), "rb") as f:
+                        got = f.read()
+                except FileNotFoundError:
+                    continue
+                assert got == contents[n.removesuffix(".moved")], n
+                reads.append(n)
+
+    assert _hammer([renamer, reader], 0) == []
+    assert reads
+    assert sorted(os.listdir(b.mountpoint)) == sorted(contents)
+    hosts.close()
+    _assert_fsck_clean(hosts.backing("a"))
+
+
+def test_rewrap_and_rekey_on_one_host_seen_by_the_other_at_next_open(hosts):
+    """Claim "a key or sidecar changed by another host is noticed at the next open":
+    rewrap (to another CMK) and rekey (a new DEK) run on A; B's next open unwraps the new
+    record at the KMS and reads the same content."""
+    a, b = hosts.mount("a"), hosts.mount("b")
+    for n in ("wrap.txt", "key.txt"):
+        with open(os.path.join(a.mountpoint, n), "wb") as f:
+            f.write(n.encode() * 1000)
+        assert open(os.path.join(b.mountpoint, n), "rb").read() == n.encode() * 1000
+    before = _sidecar(hosts.backing("b"), "wrap.txt").key_id
+    hosts.kms.client.create_key("other-cmk")
+    res = subprocess.run([sys.executable, "-m", "encfs", "rewrap", hosts.backing("a"),
+                          "--to-key", "other-cmk", "--kms-socket", hosts.kms.socket_path,
+                          "--project-id", hosts.kms.project_id],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = _sidecar(hosts.backing("b"), "wrap.txt")
+    assert rec.key_id != before
+    assert open(os.path.join(b.mountpoint, "wrap.txt"), "rb").read() == b"wrap.txt" * 1000
+    assert ("decrypt-datakey", "ok", rec.key_id) in _kms_audit(hosts.kms, rec.file_id)
+    old_id = _sidecar(hosts.backing("b"), "key.txt").file_id  # (rewrapped too)
+    res = subprocess.run([sys.executable, "-m", "encfs", "rekey",
+                          os.path.join(a.mountpoint, "key.txt")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    new = _sidecar(hosts.backing("b"), "key.txt")
+    assert new.file_id != old_id
+    assert open(os.path.join(b.mountpoint, "key.txt"), "rb").read() == b"key.txt" * 1000
+    assert ("decrypt-datakey", "ok", new.key_id) in _kms_audit(hosts.kms, new.file_id)
