@@ -382,11 +382,12 @@ def _areas(backing: str) -> list[str]:
     return sorted(os.listdir(os.path.join(backing, ".encfs", "mounts")))
 
 
-def test_kill_of_one_host_recovered_by_the_other(hosts):
+@pytest.mark.parametrize("recoverer", ["b", "a"])
+def test_kill_of_one_host_recovered(hosts, recoverer):
     """Claims "a crash of one host leaves its area" and "whoever takes its lock recovers
     it": A's daemon is killed (-9) in the middle of writes and renames; B keeps working;
-    B's next mount replays A's journal and removes A's area; nothing A fsynced is lost;
-    A mounts again; fsck is clean."""
+    the next mount of B (or of A) replays A's journal and removes A's area; nothing A
+    fsynced is lost; fsck is clean."""
     import hashlib
     a, b = hosts.mount("a"), hosts.mount("b")
     progress = os.path.join(hosts.work, f"{hosts.name}.progress")
@@ -407,11 +408,16 @@ def test_kill_of_one_host_recovered_by_the_other(hosts):
         f.write(b"B goes on")
     assert open(os.path.join(b.mountpoint, "after"), "rb").read() == b"B goes on"
     assert len(_areas(hosts.backing("b"))) == 2
-    assert hosts.unmount("b") == 0
-    b = hosts.mount("b")
-    assert "recovered the area of the dead mount" in b.log(), b.log()
-    assert len(_areas(hosts.backing("b"))) == 1  # B's own
-    a = hosts.mount("a")
+    if recoverer == "b":
+        assert hosts.unmount("b") == 0
+        b = hosts.mount("b")
+        assert "recovered the area of the dead mount" in b.log(), b.log()
+        assert len(_areas(hosts.backing("b"))) == 1  # B's own
+        a = hosts.mount("a")
+    else:
+        a = hosts.mount("a")
+        assert "recovered the area of the dead mount" in a.log(), a.log()
+        assert len(_areas(hosts.backing("b"))) == 2  # B's and A's new one
     durable: dict[str, int] = {}
     for line in open(progress).read().splitlines():
         name, i = line.split()
@@ -433,3 +439,24 @@ def test_kill_of_one_host_recovered_by_the_other(hosts):
     open(os.path.join(b.mountpoint, "big"), "rb").read()  # every block authenticates
     hosts.close()
     _assert_fsck_clean(hosts.backing("a"))
+
+
+def test_application_locks_hold_on_one_host_only(hosts):
+    """Claim "flock/fcntl locks are not forwarded" (pyfuse3 has no lock handlers, so the
+    kernel keeps them local to each mount): they exclude processes of one host, not of
+    two hosts."""
+    import fcntl
+    a, b = hosts.mount("a"), hosts.mount("b")
+    with open(os.path.join(a.mountpoint, "locked"), "wb") as f:
+        f.write(b"x")
+    fa = os.open(os.path.join(a.mountpoint, "locked"), os.O_RDWR)
+    fa2 = os.open(os.path.join(a.mountpoint, "locked"), os.O_RDWR)
+    fb = os.open(os.path.join(b.mountpoint, "locked"), os.O_RDWR)
+    try:
+        fcntl.flock(fa, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fa2, fcntl.LOCK_EX | fcntl.LOCK_NB)  # same host: excluded
+        fcntl.flock(fb, fcntl.LOCK_EX | fcntl.LOCK_NB)  # other host: granted (documented)
+    finally:
+        for fd in (fa, fa2, fb):
+            os.close(fd)
