@@ -108,7 +108,10 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         kmsconn.record(backing, kms)  # tools run on BACKING without options use this KMS
         if config.encrypt_names and not args.user:  # (with --user: as the user, later)
             _name_key(backing, kms, key_id)
-        _recover_shared(lock) if args.shared_backing else _recover_if_unclean(backing)
+        if args.shared_backing:
+            _recover_shared(lock)
+        else:
+            _recover_if_unclean(backing)
     except BaseException:
         lock.release()
         raise
@@ -170,7 +173,10 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
     keys = KeyManager(kms.async_client(), key_id, ttl=args.key_cache_ttl,
                       pool_size=max(0, args.dek_pool))
     # A shared mount journals into an area of its own (encfs/sharedmount.py).
-    area = claim.open_area() if args.shared_backing else None
+    try:
+        area = claim.open_area() if args.shared_backing else None
+    except bk.BackingError as e:
+        raise UserError(str(e)) from None
     content = ContentExecutor(Journal(area.journal_parent, root=backing) if area
                               else Journal(bk.control_path(backing)))
     ops = EncFS(backing, config, keys, mountpoint=mountpoint,

@@ -90,10 +90,27 @@ class MountClaim:
         return recover_dead_areas(self.backing)
 
     def open_area(self) -> Area:
-        """Make this mount's own area and lock it (the serving daemon does this)."""
+        """Make this mount's own area and lock it (the serving daemon does this), and
+        check the name lock file. BackingError (one line) for anything planted."""
+        try:
+            return self._open_area()
+        except OSError as e:
+            raise bk.BackingError(f"cannot make this mount's area in "
+                                  f"{printable(mounts_dir(self.backing))}: {e.strerror}") from None
+
+    def _open_area(self) -> Area:
         base = mounts_dir(self.backing)
         os.makedirs(base, mode=0o700, exist_ok=True)
         _check_dir(base)
+        names = names_lock_path(self.backing)
+        fd = os.open(names, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise bk.BackingError(f"{printable(names)} is not a regular file (something "
+                                      "was put in its place); remove it")
+        finally:
+            os.close(fd)
         ident = f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
         path = os.path.join(base, ident.encode())
         os.mkdir(path, 0o700)
