@@ -296,7 +296,9 @@ def _spawn_background(args: argparse.Namespace, argv: Sequence[str] | None, back
                       mountpoint: str) -> int:
     """Run the mount in a detached child and return once the mountpoint is live."""
     argv = list(sys.argv[2:] if argv is None else argv)
-    log_path = args.log or os.fsdecode(bk.control_path(backing, LOG_FILE))
+    # Shared mounts of one backing dir run on many hosts: a log file for each host.
+    default_log = f"mount-{sharedmount.host_name()}.log" if args.shared_backing else LOG_FILE
+    log_path = args.log or os.fsdecode(bk.control_path(backing, default_log))
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
     with os.fdopen(log_fd, "ab") as logf:

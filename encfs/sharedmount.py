@@ -202,5 +202,10 @@ def _check_dir(path: bytes) -> None:
                               "was put in its place); remove it")
 
 
+def host_name() -> str:
+    """This host's name as used in area and log names (no '/')."""
+    return _host()
+
+
 def _host() -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())[:64]
