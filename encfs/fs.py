@@ -38,7 +38,7 @@ from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
 from .reqstats import RequestStats
 from .sharedlock import ContentLocks, NameLocks
-from .sharedmount import names_lock_path
+from .sharedmount import names_lock_path, recover_dead_areas
 from .spares import SparePool
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,19 @@ class EncFS(pyfuse3.Operations):
     # --- keys ---------------------------------------------------------------------------
 
     async def _load_key(self, node: Node, path: bytes, fd: int, ctx_uid: int = 0) -> None:
+        """Give an open node its block cipher. Shared mode: a broken pair may be one that
+        a dead mount on another host left half changed; recover dead mounts' areas and
+        try once more before answering EIO."""
+        if self.name_locks is None or not path:
+            return await self._load_key_once(node, path, fd, ctx_uid)
+        try:
+            return await self._load_key_once(node, path, fd, ctx_uid)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.EIO or not await self._recover_dead_mounts():
+                raise
+        return await self._load_key_once(node, path, fd, ctx_uid)
+
+    async def _load_key_once(self, node: Node, path: bytes, fd: int, ctx_uid: int = 0) -> None:
         """Give an open node its block cipher: header + sidecar + KMS unwrap."""
         async with node.key_lock, self._pair_guard(path, fd):
             if node.cipher is not None:
@@ -567,6 +580,16 @@ class EncFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             yield
 
+    async def _recover_dead_mounts(self) -> bool:
+        """Shared mode: recover the areas of mounts that died (on any host), as a mount
+        does when it starts; True if there was one. Called where a half-done change
+        shows (a pair without its sidecar, a block that does not authenticate), with no
+        lock held: the replay takes every name lock."""
+        done = await trio.to_thread.run_sync(recover_dead_areas, self.backing)
+        for line in done:
+            log.warning("recovered what a dead mount left: %s", line)
+        return any(line.startswith("recovered the area") for line in done)
+
     def _block_lock(self, node: Node, off: int, length: int, write: bool):
         """Shared mode: the blocks a request reads or rewrites, locked on the backing data
         file. A write that may move the end of file (or re-pad the last block) and a
@@ -725,6 +748,12 @@ class EncFS(pyfuse3.Operations):
         try:
             if self.content_locks is None:
                 return await self.content.read(node, off, size, _atime_due)
+            try:
+                async with self._block_lock(node, off, size, write=False):
+                    return await self.content.read(node, off, size, _atime_due)
+            except BlockAuthError:
+                if not await self._recover_dead_mounts():  # a dead host's torn write?
+                    raise
             async with self._block_lock(node, off, size, write=False):
                 return await self.content.read(node, off, size, _atime_due)
         except BlockAuthError as e:

@@ -38,20 +38,21 @@ import trio
 
 #: struct flock on Linux (x86_64, aarch64): short l_type, short l_whence, (pad),
 #: off_t l_start, off_t l_len, pid_t l_pid (0 for OFD locks), (pad)
-_FLOCK = "hhxxxxqqixxxx"
+FLOCK = "hhxxxxqqixxxx"
 #: name lock offsets are below this (2^62): a hash of the name
 NAME_SPACE = 1 << 62
 
 
-def _setlk(fd: int, kind: int, start: int, length: int, wait: bool) -> None:
-    arg = struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0)
+def setlk(fd: int, kind: int, start: int, length: int, wait: bool) -> None:
+    """One OFD lock call (``length`` 0: to the end of all offsets)."""
+    arg = struct.pack(FLOCK, kind, os.SEEK_SET, start, length, 0)
     fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, arg)
 
 
 async def lock(fd: int, kind: int, start: int, length: int) -> None:
     """Take an OFD lock, waiting in a thread when another holder has it."""
     try:
-        _setlk(fd, kind, start, length, wait=False)
+        setlk(fd, kind, start, length, wait=False)
         return
     except OSError as e:
         if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -65,7 +66,7 @@ async def lock(fd: int, kind: int, start: int, length: int) -> None:
 
 
 def unlock(fd: int, start: int, length: int) -> None:
-    _setlk(fd, fcntl.F_UNLCK, start, length, wait=False)
+    setlk(fd, fcntl.F_UNLCK, start, length, wait=False)
 
 
 def name_offset(backing: bytes, path: bytes) -> int:

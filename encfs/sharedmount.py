@@ -27,12 +27,14 @@ import time
 from dataclasses import dataclass
 
 from . import backing as bk
-from .journal_replay import JOURNAL_DIR, replay_dir
+from . import format as fmt
+from .journal_replay import JOURNAL_DIR, pending, replay_dir
+from .sharedlock import NAME_SPACE, setlk
 from .text import printable
 
 MOUNTS_DIR = "mounts"
 AREA_LOCK = "lock"
-AREA_INFO = "info"
+AREA_ROOT = "root"  # the backing dir's path on the mount's host
 NAMES_LOCK = "names.lock"
 
 
@@ -120,6 +122,10 @@ class MountClaim:
                      os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, f"{_host()} pid {os.getpid()}\n".encode())
+        # The journal names files by absolute path, under this host's path of the backing
+        # dir; whoever recovers the area on another host moves them under its own.
+        bk.write_file_atomic(self.backing, os.path.join(path, AREA_ROOT.encode()),
+                             self.backing)
         self.area = Area(path, fd)
         return self.area
 
@@ -170,8 +176,8 @@ def recover_dead_areas(backing: bytes) -> list[str]:
                     continue  # recovered and removed by another mount meanwhile
             except FileNotFoundError:
                 continue
-            lines = replay_dir(os.path.join(area, JOURNAL_DIR.encode()), backing) \
-                if os.path.isdir(os.path.join(area, JOURNAL_DIR.encode())) else []
+            lines = _replay_alone(backing, os.path.join(area, JOURNAL_DIR.encode()),
+                                  _written_under(area))
             ident = name.decode(errors="replace")
             done += [f"mount {ident}: {line}" for line in lines]
             _remove_area(area)
@@ -179,6 +185,35 @@ def recover_dead_areas(backing: bytes) -> list[str]:
         finally:
             os.close(fd)
     return done
+
+
+def _written_under(area: bytes) -> bytes | None:
+    """The backing dir's path on the host of the area's mount (None: unknown, or ours)."""
+    try:
+        fd = bk.open_regular(os.path.join(area, AREA_ROOT.encode()), what="area root")
+    except (OSError, fmt.FormatError):
+        return None
+    try:
+        root = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    return root if root.startswith(b"/") and len(root) <= 4096 else None
+
+
+def _replay_alone(backing: bytes, jdir: bytes, written_under: bytes | None) -> list[str]:
+    """Replay a dead mount's journal while no live mount changes any pair: the records
+    name pairs that the dead mount had locked, and its locks died with it. All name locks
+    at once (the whole lock range of ``names.lock``, waited for): recovery is rare and
+    short, pair changes on every host wait for it."""
+    if not os.path.isdir(jdir) or not pending(jdir):
+        return []
+    fd = os.open(names_lock_path(backing), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    try:
+        setlk(fd, fcntl.F_WRLCK, 0, NAME_SPACE, wait=True)
+        return replay_dir(jdir, backing, written_under)
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def _older_than_a_start(area: bytes) -> bool:

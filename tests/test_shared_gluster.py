@@ -460,3 +460,36 @@ def test_application_locks_hold_on_one_host_only(hosts):
     finally:
         for fd in (fa, fa2, fb):
             os.close(fd)
+
+
+def test_reader_meets_a_pair_left_half_renamed_by_a_dead_host(hosts):
+    """Claim "a reader that meets a half-done pair retries": A dies between the two steps
+    of a rename (data moved, sidecar not; the state made here by hand, in A's area and
+    under A's path of the backing dir, as tests/test_journal.py makes every crash point);
+    B's open of the new name finds no sidecar, recovers A's area (moving the paths of
+    A's journal under B's path of the backing dir) and reads the file: no EIO."""
+    from encfs.journal import Journal
+    a, b = hosts.mount("a"), hosts.mount("b")
+    content = b"half renamed " * 3000
+    with open(os.path.join(a.mountpoint, "moving"), "wb") as f:
+        f.write(content)
+    assert open(os.path.join(b.mountpoint, "moving"), "rb").read() == content
+    a_pid = a.process.pid
+    a.process.send_signal(signal.SIGKILL)
+    a.process.wait()
+    hosts.unmount("a")
+    [area] = [n for n in _areas(hosts.backing("b")) if f"-{a_pid}-" in n]
+    backing_a = os.fsencode(hosts.backing("a"))
+    journal = Journal(os.path.join(backing_a, b".encfs", b"mounts", os.fsencode(area)),
+                      root=backing_a)
+    old, new = backing_a + b"/moving", backing_a + b"/moved"
+    journal.rename(old, new, 0, old + b".sfskey", None)
+    journal.close()
+    os.rename(old, new)
+    assert open(os.path.join(b.mountpoint, "moved"), "rb").read() == content
+    assert "recovered the area of the dead mount" in b.log(), b.log()
+    assert "finished moving the sidecar" in b.log(), b.log()
+    assert sorted(os.listdir(b.mountpoint)) == ["moved"]
+    assert area not in _areas(hosts.backing("b"))
+    hosts.close()
+    _assert_fsck_clean(hosts.backing("a"))
