@@ -59,7 +59,7 @@ async def lock(fd: int, kind: int, start: int, length: int) -> None:
             raise
     while True:
         try:
-            await trio.to_thread.run_sync(_setlk, fd, kind, start, length, True)
+            await trio.to_thread.run_sync(setlk, fd, kind, start, length, True)
             return
         except InterruptedError:
             continue
