@@ -556,21 +556,16 @@ class EncFS(pyfuse3.Operations):
 
     # --- --shared-backing: locks across hosts (encfs/sharedlock.py, docs/SHARED.md) ------
 
-    def _names_held(self, paths: Callable[[], list[bytes]]):
-        """The name locks of a pair change (no-op unless shared): no other host sees the
-        pair half done, and no other host changes it meanwhile."""
-        if self.name_locks is None:
-            return contextlib.nullcontext()
-        return self.name_locks.hold(paths())
-
-    @contextlib.asynccontextmanager
-    async def _pair_guard(self, path: bytes, fd: int):
+    def _pair_guard(self, path: bytes, fd: int):
         """Shared mode, while an open reads a file's pair: hold its name's lock, and make
         sure the name still leads to the opened data file (else it was renamed or removed
-        meanwhile: ENOENT, as if the open had come a moment later)."""
+        meanwhile: ENOENT, as if the open had come a moment later). Else nothing."""
         if self.name_locks is None or not path:
-            yield
-            return
+            return contextlib.nullcontext()
+        return self._pair_held(path, fd)
+
+    @contextlib.asynccontextmanager
+    async def _pair_held(self, path: bytes, fd: int):
         async with self.name_locks.hold([path]):
             try:
                 same = os.lstat(path).st_ino == os.fstat(fd).st_ino
@@ -681,9 +676,13 @@ class EncFS(pyfuse3.Operations):
         finally:
             self._close_node(node)
 
+    # create, unlink, rename, link: with --shared-backing, under the lock of each name
+    # they change, so that no other host sees or changes the pair meanwhile.
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
-        async with self._names_held(lambda: [self._new_name(parent_inode, name)]):
+        if self.name_locks is None:
+            return await self._create(parent_inode, name, mode, flags, ctx)
+        async with self.name_locks.hold([self._new_name(parent_inode, name)]):
             return await self._create(parent_inode, name, mode, flags, ctx)
 
     async def _create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
@@ -801,7 +800,9 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
-        async with self._names_held(lambda: [self._child(parent_inode, name)]):
+        if self.name_locks is None:
+            return await self._unlink(parent_inode, name, ctx)
+        async with self.name_locks.hold([self._child(parent_inode, name)]):
             return await self._unlink(parent_inode, name, ctx)
 
     async def _unlink(self, parent_inode: int, name: bytes, ctx) -> None:
@@ -867,8 +868,11 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx) -> None:
-        async with self._names_held(lambda: [self._child(parent_inode_old, name_old),
-                                             self._new_name(parent_inode_new, name_new)]):
+        if self.name_locks is None:
+            return await self._rename(parent_inode_old, name_old, parent_inode_new,
+                                      name_new, flags, ctx)
+        async with self.name_locks.hold([self._child(parent_inode_old, name_old),
+                                         self._new_name(parent_inode_new, name_new)]):
             return await self._rename(parent_inode_old, name_old, parent_inode_new,
                                       name_new, flags, ctx)
 
@@ -950,8 +954,10 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
-        async with self._names_held(lambda: [self._path(inode),
-                                             self._new_name(new_parent_inode, new_name)]):
+        if self.name_locks is None:
+            return await self._link(inode, new_parent_inode, new_name, ctx)
+        async with self.name_locks.hold([self._path(inode),
+                                         self._new_name(new_parent_inode, new_name)]):
             return await self._link(inode, new_parent_inode, new_name, ctx)
 
     async def _link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
