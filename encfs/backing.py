@@ -386,12 +386,13 @@ class MountLock:
     def acquire(self) -> None:
         self._acquire(shared=False)
 
-    def acquire_shared(self) -> None:
+    def acquire_shared(self) -> bool:
         """A shared mount's claim (encfs/sharedmount.py): any number of shared holders,
-        on any host; never together with an exclusive one."""
-        self._acquire(shared=True)
+        on any host; never together with an exclusive one. True if there was no other
+        holder at all (then what earlier mounts left is garbage)."""
+        return self._acquire(shared=True)
 
-    def _acquire(self, shared: bool) -> None:
+    def _acquire(self, shared: bool) -> bool:
         import fcntl
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -403,8 +404,20 @@ class MountLock:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BackingError(f"the mount lock {printable(self.path)} is not a regular "
                                    "file; remove it")
+            alone = False
             try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                if shared:
+                    # Alone if it can be had exclusively; then down to shared, which cannot
+                    # fail against other shared holders. (Never the other way up: a
+                    # failed LOCK_NB upgrade of a flock drops the lock that was held.)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        alone = True
+                    except BlockingIOError:
+                        pass
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
                 if holder == SHARED_HOLDER:
@@ -432,6 +445,7 @@ class MountLock:
             os.close(fd)
             raise
         self.fd = fd
+        return alone
 
     def release(self) -> None:
         if self.fd is not None:

@@ -151,10 +151,9 @@ def _recover_shared(claim: sharedmount.MountClaim) -> None:
     """A shared mount recovers the areas of dead mounts; when no other mount is up, also
     what an exclusive mount left (its dirty marker) and the shared temp files."""
     done = []
-    if claim.alone():
-        if os.path.lexists(bk.control_path(claim.backing, bk.DIRTY_NAME)):
-            done += recover(claim.backing)
-            bk.mark_clean(claim.backing)
+    if claim.alone():  # also the temp files a dead shared mount left in .encfs/tmp
+        done += recover(claim.backing)
+        bk.mark_clean(claim.backing)
     done += claim.recover()
     if done:
         print("encfs mount: recovered what dead mounts of this backing dir left: "

@@ -67,25 +67,19 @@ class MountClaim:
         self.shared = shared
         self.lock = bk.MountLock(backing)
         self.area: Area | None = None
+        self._alone = False
 
     def acquire(self) -> None:
         """Take ``.encfs/lock``; BackingInUse when a mount of the other kind holds it."""
         if not self.shared:
             self.lock.acquire()
             return
-        self.lock.acquire_shared()
+        self._alone = self.lock.acquire_shared()
 
     def alone(self) -> bool:
-        """True if no other mount of any kind uses the backing dir right now (we could
-        take the lock exclusively). Then whatever was left by earlier mounts is garbage."""
-        try:
-            fcntl.flock(self.lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        # Back to shared. flock converts by unlocking first, so another mount may have
-        # taken it in between: then we are no longer alone, and must wait our turn.
-        fcntl.flock(self.lock.fd, fcntl.LOCK_SH)
-        return True
+        """True if no other mount of any kind used the backing dir when we took the lock.
+        Then whatever was left by earlier mounts is garbage."""
+        return self._alone
 
     def recover(self) -> list[str]:
         """Shared mounts: recover the areas of dead mounts. One line per thing done."""

@@ -98,3 +98,27 @@ def test_clean_release_removes_the_area(tmp_path):
     assert os.listdir(sharedmount.mounts_dir(backing)) == []
     other.acquire()  # nobody holds it now
     other.release()
+
+
+def test_second_shared_claim_is_not_alone_and_keeps_the_first(tmp_path):
+    """The first shared mount is alone (it may clear what earlier mounts left), a second
+    is not; and trying for "alone" never drops a shared lock already held (a failed
+    non-blocking flock upgrade would)."""
+    backing, _ = bk.open_backing(str(tmp_path))
+    first = sharedmount.MountClaim(backing, shared=True)
+    second = sharedmount.MountClaim(backing, shared=True)
+    first.acquire()
+    second.acquire()
+    try:
+        assert first.alone() and not second.alone()
+        for holder in (first, second):
+            excl = bk.MountLock(backing)
+            try:
+                excl.acquire()
+                raise AssertionError("exclusive lock granted beside shared mounts")
+            except bk.BackingInUse:
+                pass
+            holder.release()
+    finally:
+        first.release()
+        second.release()
