@@ -747,6 +747,13 @@ class EncFS(pyfuse3.Operations):
         try:
             if self.content_locks is None:
                 return await self.content.read(node, off, size, _atime_due)
+            # Shared mode: reads take no lock first. A block that another host is
+            # rewriting at this moment fails its tag; then read again under the block
+            # locks, which wait for that write.
+            try:
+                return await self.content.read(node, off, size, _atime_due)
+            except BlockAuthError:
+                pass
             try:
                 async with self._block_lock(node, off, size, write=False):
                     return await self.content.read(node, off, size, _atime_due)
