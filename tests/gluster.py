@@ -94,6 +94,23 @@ def _stop_pidfile(pidfile: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _mount_client(name: str, path: str, shared: bool) -> None:
+    """Mount the volume at ``path``. A volume just started may not serve its brick yet
+    (mount.glusterfs then fails at once): tried again until READY_TIMEOUT."""
+    cmd = ["mount", "-t", "glusterfs", *(["-o", SHARED_MOUNT_OPTIONS] if shared else []),
+           f"{socket.gethostname()}:/{name}", path]
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if res.returncode == 0 and _in_mount_table(path):
+            return
+        _unmount(path)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): "
+                               f"{res.stdout}{res.stderr}")
+        time.sleep(0.5)
+
+
 def _unmount(path: str) -> None:
     if os.path.ismount(path) or _in_mount_table(path):
         if subprocess.run(["umount", path], capture_output=True).returncode != 0:
@@ -124,10 +141,7 @@ def gluster_volume(workdir: str, hosts: int = 2, shared: bool = False) -> Iterat
             try:
                 for c in clients:
                     os.makedirs(c, exist_ok=True)
-                    subprocess.run(["mount", "-t", "glusterfs",
-                                    *(["-o", SHARED_MOUNT_OPTIONS] if shared else []),
-                                    f"{socket.gethostname()}:/{name}", c],
-                                   check=True, capture_output=True, timeout=60)
+                    _mount_client(name, c, shared)
                 yield GlusterVolume(name=name, brick=brick, clients=clients)
             finally:
                 for c in clients:
