@@ -435,9 +435,93 @@ class EncfsNamesTarget(EncfsTarget):
     mount_args = ["--encrypt-names"]
 
 
+class GlusterTarget(Target):
+    """A plain GlusterFS client mount (a one-brick volume on this machine, set up for
+    shared encfs as docs/SHARED.md says): the reference of the shared column."""
+    name = "gluster"
+
+    def _volume(self, hosts: int):
+        import contextlib
+        sys.path.insert(0, str(REPO / "tests"))
+        from gluster import gluster_volume  # tests/gluster.py: the tested fixture
+        self._stack = contextlib.ExitStack()
+        return self._stack.enter_context(gluster_volume(self.root, hosts=hosts, shared=True))
+
+    def start(self) -> None:
+        self.vol = self._volume(1)
+        self.dir = os.path.join(self.vol.clients[0], "dir")
+        os.makedirs(self.dir)
+
+    def stop(self) -> None:
+        if getattr(self, "_stack", None) is not None:
+            self._stack.close()
+
+
+class EncfsSharedTarget(GlusterTarget):
+    """Two `encfs mount --shared-backing` of one backing dir on two clients of one
+    GlusterFS volume ("hosts" a and b), one KMS; the workloads run on a while b is
+    mounted (docs/SHARED.md)."""
+    name = "encfs-shared"
+
+    def start(self) -> None:
+        from encfs.pytest_plugin import EncryptedMount, start_kms_server
+        self.vol = self._volume(2)
+        kms_dir = os.path.join(self.root, "kms")
+        os.makedirs(kms_dir)
+        help_text = subprocess.run([sys.executable, "-m", "kms", "serve", "--help"],
+                                   capture_output=True, text=True).stdout
+        self.kms = start_kms_server(kms_dir, extra_args=["--rate-limit", "0"]
+                                    if "--rate-limit" in help_text else [])
+        self.mounts = []
+        for i, client in enumerate(self.vol.clients):
+            backing = os.path.join(client, "backing")
+            os.makedirs(backing, exist_ok=True)
+            mnt = os.path.join(self.root, f"mnt-{'ab'[i]}")
+            os.makedirs(mnt)
+            m = EncryptedMount(mountpoint=mnt, backing=backing, key_id="sfs/default",
+                               kms=self.kms, extra_args=["--shared-backing"],
+                               log_path=os.path.join(self.root, f"encfs-{'ab'[i]}.log"))
+            m.mount()
+            self.mounts.append(m)
+        self.mount = self.mounts[0]
+        self.dir = self.mount.mountpoint
+
+    def stop(self) -> None:
+        try:
+            for m in getattr(self, "mounts", []):
+                m.unmount()
+            if getattr(self, "kms", None) is not None:
+                self.kms.stop()
+        finally:
+            super().stop()
+
+    def backing_dir(self) -> str:
+        return self.mount.backing
+
+    def remount(self) -> None:
+        self.mount.remount()
+
+    def daemon_pid(self) -> int | None:
+        p = self.mount.process
+        return p.pid if p is not None else None
+
+    def kms_pid(self) -> int | None:
+        return self.kms.process.pid
+
+    def alive(self) -> str | None:
+        return EncfsTarget.alive(self)  # type: ignore[arg-type]
+
+    def recover(self) -> None:
+        EncfsTarget.recover(self)  # type: ignore[arg-type]
+
+    def daemon_log(self) -> str:
+        return EncfsTarget.daemon_log(self)  # type: ignore[arg-type]
+
+
 TARGETS: dict[str, type[Target]] = {"plain": PlainTarget, "encfs": EncfsTarget,
                                     "gocryptfs": GocryptfsTarget,
-                                    "encfs-names": EncfsNamesTarget}
+                                    "encfs-names": EncfsNamesTarget,
+                                    "gluster": GlusterTarget, "encfs-shared": EncfsSharedTarget}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -992,15 +1076,19 @@ def build_report(runner: Runner, cfg: Config) -> tuple[dict, str]:
         return f"{a / b:.2f}x" if a is not None and b else "–"
 
     names_col = "encfs-names" in names  # --encrypt-names: its own column and ratio
+    shared_col = "encfs-shared" in names  # docs/SHARED.md: on GlusterFS, against GlusterFS
     lines = ["| workload | unit | plain | encfs | gocryptfs | encfs/gocryptfs | encfs/plain "
-             "| issue-7 goal |" + (" encfs-names | names/encfs |" if names_col else ""),
-             "|---|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if names_col else "")]
+             "| issue-7 goal |" + (" encfs-names | names/encfs |" if names_col else "")
+             + (" gluster | encfs-shared | shared/gluster |" if shared_col else ""),
+             "|---|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if names_col else "")
+             + ("---:|---:|---:|" if shared_col else "")]
     rows = []
     for m in metrics(cfg):
         present = any(m.key in summaries.get(t, {}) for t in names)
         wl = wl_of.get(m.key, "kms")
         errored = {t: wl in err_keys.get(t, set())
-                   for t in ("plain", "encfs", "gocryptfs", "encfs-names")}
+                   for t in ("plain", "encfs", "gocryptfs", "encfs-names", "gluster",
+                             "encfs-shared")}
         if not present and not any(errored.values()):
             continue
         e, g, p = med("encfs", m.key), med("gocryptfs", m.key), med("plain", m.key)
@@ -1021,6 +1109,11 @@ def build_report(runner: Runner, cfg: Config) -> tuple[dict, str]:
             en = med("encfs-names", m.key)
             extra = (f" {cell(summaries.get('encfs-names', {}).get(m.key), m.unit, errored['encfs-names'])}"
                      f" | {ratio(en, e)} |")
+        if shared_col:
+            gl, sh = med("gluster", m.key), med("encfs-shared", m.key)
+            extra += " " + " | ".join(
+                cell(summaries.get(t, {}).get(m.key), m.unit, errored[t]) if t in names
+                else "n/a" for t in ("gluster", "encfs-shared")) + f" | {ratio(sh, gl)} |"
         lines.append(f"| {m.label} | {m.unit} {arrow} | {' | '.join(cells)} | {ratio(e, g)} "
                      f"| {ratio(e, p)} | {goal} |" + extra)
         rows.append({"key": m.key, "label": m.label, "unit": m.unit,
@@ -1146,7 +1239,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="smaller sizes, 2 runs each (about 2 minutes)")
     ap.add_argument("--out", help="JSON result path (default bench/results/<timestamp>.json)")
     ap.add_argument("--targets", default="plain,encfs,gocryptfs",
-                    help="comma-separated subset of plain,encfs,gocryptfs")
+                    help="comma-separated subset of plain,encfs,gocryptfs,encfs-names,"
+                    "gluster,encfs-shared (the last two: the shared column, as root, "
+                    "docs/SHARED.md)")
     ap.add_argument("--workloads", default=",".join(Runner.WORKLOADS),
                     help="comma-separated subset of " + ",".join(Runner.WORKLOADS))
     ap.add_argument("--reps", type=int, help="runs per workload and target (default 3, quick 2)")

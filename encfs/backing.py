@@ -367,6 +367,7 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
 # --- one mount per backing dir, and noticing an unclean stop ------------------------------
 
 LOCK_NAME = "lock"
+SHARED_HOLDER = "shared"  # what shared mounts write into the lock
 DIRTY_NAME = "dirty"
 
 
@@ -383,6 +384,15 @@ class MountLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        self._acquire(shared=False)
+
+    def acquire_shared(self) -> bool:
+        """A shared mount's claim (encfs/sharedmount.py): any number of shared holders,
+        on any host; never together with an exclusive one. True if there was no other
+        holder at all (then what earlier mounts left is garbage)."""
+        return self._acquire(shared=True)
+
+    def _acquire(self, shared: bool) -> bool:
         import fcntl
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -394,16 +404,39 @@ class MountLock:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BackingError(f"the mount lock {printable(self.path)} is not a regular "
                                    "file; remove it")
+            alone = False
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if shared:
+                    # Alone if it can be had exclusively; then down to shared, which cannot
+                    # fail against other shared holders. (Never the other way up: a
+                    # failed LOCK_NB upgrade of a flock drops the lock that was held.)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        alone = True
+                    except BlockingIOError:
+                        pass
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                if holder == SHARED_HOLDER:
+                    raise BackingInUse(f"{printable(self.backing)} is in use by encfs mounts "
+                                       "with --shared-backing: mount it with --shared-backing "
+                                       "too, or wait until they are unmounted") from None
                 holder = holder if holder.isdigit() else "?"
+                if shared:
+                    raise BackingInUse(
+                        f"{printable(self.backing)} is already in use by another encfs "
+                        f"process (pid {holder}) mounted without --shared-backing: one mount "
+                        "per backing directory unless every mount is shared") from None
                 raise BackingInUse(f"{printable(self.backing)} is already in use by another "
                                    f"encfs process (pid {holder}): one mount per backing "
                                    "directory") from None
+            # Shared holders are many, on many hosts: they all write the same word (each
+            # names itself in its own area, encfs/sharedmount.py).
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, (SHARED_HOLDER if shared else str(os.getpid())).encode() + b"\n", 0)
         except OSError as e:
             os.close(fd)
             raise BackingError(f"cannot use the mount lock {printable(self.path)}: "
@@ -412,6 +445,7 @@ class MountLock:
             os.close(fd)
             raise
         self.fd = fd
+        return alone
 
     def release(self) -> None:
         if self.fd is not None:

@@ -9,6 +9,7 @@ before any backing change it guards. docs/ARCHITECTURE.md shows how the modules 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -36,6 +37,8 @@ from .journal import Journal
 from .keys import KEY_ERRNO, KeyError_, KeyManager
 from .renameat2 import renameat2
 from .reqstats import RequestStats
+from .sharedlock import ContentLocks, NameLocks
+from .sharedmount import names_lock_path, recover_dead_areas
 from .spares import SparePool
 from .trash import Trash, backing_discards
 
@@ -151,9 +154,11 @@ class EncFS(pyfuse3.Operations):
 
     def __init__(self, backing: bytes, config: bk.BackingConfig, keys: KeyManager,
                  mountpoint: str = "", cache_timeout: float = DEFAULT_CACHE_TIMEOUT,
-                 shared_backing: bool = False, content: ContentExecutor | None = None):
+                 shared_backing: bool = False, content: ContentExecutor | None = None,
+                 spare_dir: bytes | None = None):
         """``content``: the content executor, with the journal it records into (by
-        default one over this backing dir's journal)."""
+        default one over this backing dir's journal); ``spare_dir``: where spare
+        sidecars are made (a shared mount's own area)."""
         super().__init__()
         self.backing = backing
         self.config = config
@@ -170,11 +175,14 @@ class EncFS(pyfuse3.Operations):
         self.keep_cache = not shared_backing
         self.content = content or ContentExecutor(Journal(bk.control_path(backing)))
         self.journal = self.content.journal  # also records renames
-        self.spares = SparePool(bk.control_path(backing, bk.TMP_DIR))  # started by the mount
+        self.spares = SparePool(spare_dir or bk.control_path(backing, bk.TMP_DIR))  # started by the mount
         # Removed files freed by a thread where freeing waits for discards (started in init;
         # exclusive mounts only: with --shared-backing others' tools own the layout of tmp/)
         self.trash = Trash(bk.control_path(backing, bk.TMP_DIR),
                            enabled=not shared_backing and backing_discards(backing))
+        #: --shared-backing: locks that hold across hosts (encfs/sharedlock.py, docs/SHARED.md)
+        self.name_locks = NameLocks(names_lock_path(backing), backing) if shared_backing else None
+        self.content_locks = ContentLocks() if shared_backing else None
         self._dir_keys: dict[int, str | None] = {}  # directory inode -> its own CMK
         self.max_write_seen = 0  # the largest write request so far (root control xattr)
         root_st = os.lstat(backing)
@@ -431,8 +439,21 @@ class EncFS(pyfuse3.Operations):
     # --- keys ---------------------------------------------------------------------------
 
     async def _load_key(self, node: Node, path: bytes, fd: int, ctx_uid: int = 0) -> None:
+        """Give an open node its block cipher. Shared mode: a broken pair may be one that
+        a dead mount on another host left half changed; recover dead mounts' areas and
+        try once more before answering EIO."""
+        if self.name_locks is None or not path:
+            return await self._load_key_once(node, path, fd, ctx_uid)
+        try:
+            return await self._load_key_once(node, path, fd, ctx_uid)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.EIO or not await self._recover_dead_mounts():
+                raise
+        return await self._load_key_once(node, path, fd, ctx_uid)
+
+    async def _load_key_once(self, node: Node, path: bytes, fd: int, ctx_uid: int = 0) -> None:
         """Give an open node its block cipher: header + sidecar + KMS unwrap."""
-        async with node.key_lock:
+        async with node.key_lock, self._pair_guard(path, fd):
             if node.cipher is not None:
                 return
             try:
@@ -535,6 +556,9 @@ class EncFS(pyfuse3.Operations):
 
     async def _truncate(self, node: Node, new: int) -> None:
         try:
+            if self.content_locks is not None:
+                async with self._block_lock(node, new, 0, write=True):
+                    return await self.content.truncate(node, new, self._journal_path(node))
             await self.content.truncate(node, new, self._journal_path(node))
         except BlockAuthError as e:
             raise self._bad_block(node, e) from None
@@ -569,6 +593,51 @@ class EncFS(pyfuse3.Operations):
             node.cipher = None  # the key cache keeps the DEK for the grace period only
             node.xattr = None
             self.nodes.released(node)
+
+    # --- --shared-backing: locks across hosts (encfs/sharedlock.py, docs/SHARED.md) ------
+
+    def _pair_guard(self, path: bytes, fd: int):
+        """Shared mode, while an open reads a file's pair: hold its name's lock, and make
+        sure the name still leads to the opened data file (else it was renamed or removed
+        meanwhile: ENOENT, as if the open had come a moment later). Else nothing."""
+        if self.name_locks is None or not path:
+            return contextlib.nullcontext()
+        return self._pair_held(path, fd)
+
+    @contextlib.asynccontextmanager
+    async def _pair_held(self, path: bytes, fd: int):
+        async with self.name_locks.hold([path]):
+            try:
+                same = os.lstat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            yield
+
+    async def _recover_dead_mounts(self) -> bool:
+        """Shared mode: recover the areas of mounts that died (on any host), as a mount
+        does when it starts; True if there was one. Called where a half-done change
+        shows (a pair without its sidecar, a block that does not authenticate), with no
+        lock held: the replay takes every name lock."""
+        done = await trio.to_thread.run_sync(recover_dead_areas, self.backing)
+        for line in done:
+            log.warning("recovered what a dead mount left: %s", line)
+        return any(line.startswith("recovered the area") for line in done)
+
+    def _block_lock(self, node: Node, off: int, length: int, write: bool):
+        """Shared mode: the blocks a request reads or rewrites, locked on the backing data
+        file. A write that may move the end of file (or re-pad the last block) and a
+        truncate lock from the old last block on, to the end."""
+        bs = node.block_size or self.config.block_size
+        first = off // bs
+        if not write:
+            return self.content_locks.read(node.ino, node.fd, first,
+                                           (off + max(length, 1) - 1) // bs)
+        size = fmt.plain_size(os.fstat(node.fd).st_size, bs)
+        if length == 0 or off + length >= size:
+            return self.content_locks.write(node.ino, node.fd, min(first, size // bs), None)
+        return self.content_locks.write(node.ino, node.fd, first, (off + length - 1) // bs)
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -647,8 +716,16 @@ class EncFS(pyfuse3.Operations):
         finally:
             self._close_node(node)
 
+    # create, unlink, rename, link: with --shared-backing, under the lock of each name
+    # they change, so that no other host sees or changes the pair meanwhile.
     @_fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        if self.name_locks is None:
+            return await self._create(parent_inode, name, mode, flags, ctx)
+        async with self.name_locks.hold([self._new_name(parent_inode, name)]):
+            return await self._create(parent_inode, name, mode, flags, ctx)
+
+    async def _create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         self._new_name(parent_inode, name)  # refuse a bad name before asking the KMS
         record, dek = await self._new_key(parent_inode)
         path = self._new_name(parent_inode, name)  # again: the parent may have moved
@@ -714,7 +791,23 @@ class EncFS(pyfuse3.Operations):
         node = self.nodes[fh]
         self._check_key(node)
         try:
-            return await self.content.read(node, off, size, _atime_due)
+            if self.content_locks is None:
+                return await self.content.read(node, off, size, _atime_due)
+            # Shared mode: reads take no lock first. A block that another host is
+            # rewriting at this moment fails its tag; then read again under the block
+            # locks, which wait for that write.
+            try:
+                return await self.content.read(node, off, size, _atime_due)
+            except BlockAuthError:
+                pass
+            try:
+                async with self._block_lock(node, off, size, write=False):
+                    return await self.content.read(node, off, size, _atime_due)
+            except BlockAuthError:
+                if not await self._recover_dead_mounts():  # a dead host's torn write?
+                    raise
+            async with self._block_lock(node, off, size, write=False):
+                return await self.content.read(node, off, size, _atime_due)
         except BlockAuthError as e:
             raise self._bad_block(node, e) from None
 
@@ -724,7 +817,11 @@ class EncFS(pyfuse3.Operations):
             node = self.nodes[fh]
             self._check_key(node)
             try:
-                await self.content.write(node, off, buf, self._journal_path(node))
+                if self.content_locks is None:
+                    await self.content.write(node, off, buf, self._journal_path(node))
+                else:
+                    async with self._block_lock(node, off, len(buf), write=True):
+                        await self.content.write(node, off, buf, self._journal_path(node))
             except BlockAuthError as e:
                 raise self._bad_block(node, e) from None
             if len(buf) > self.max_write_seen:
@@ -756,6 +853,12 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        if self.name_locks is None:
+            return await self._unlink(parent_inode, name, ctx)
+        async with self.name_locks.hold([self._child(parent_inode, name)]):
+            return await self._unlink(parent_inode, name, ctx)
+
+    async def _unlink(self, parent_inode: int, name: bytes, ctx) -> None:
         path = self._child(parent_inode, name)
         st = os.lstat(path)
         if not self._frees_blocks(st) or not self.trash.put(path):
@@ -860,6 +963,16 @@ class EncFS(pyfuse3.Operations):
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx) -> None:
+        if self.name_locks is None:
+            return await self._rename(parent_inode_old, name_old, parent_inode_new,
+                                      name_new, flags, ctx)
+        async with self.name_locks.hold([self._child(parent_inode_old, name_old),
+                                         self._new_name(parent_inode_new, name_new)]):
+            return await self._rename(parent_inode_old, name_old, parent_inode_new,
+                                      name_new, flags, ctx)
+
+    async def _rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                      name_new: bytes, flags: int, ctx) -> None:
         old = self._child(parent_inode_old, name_old)
         new = self._new_name(parent_inode_new, name_new)
         st_old = os.lstat(old)
@@ -936,6 +1049,13 @@ class EncFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
+        if self.name_locks is None:
+            return await self._link(inode, new_parent_inode, new_name, ctx)
+        async with self.name_locks.hold([self._path(inode),
+                                         self._new_name(new_parent_inode, new_name)]):
+            return await self._link(inode, new_parent_inode, new_name, ctx)
+
+    async def _link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
         src = self._path(inode)
         dst = self._new_name(new_parent_inode, new_name)
         node = self.nodes.get(inode)

@@ -48,9 +48,12 @@ class Intent:
 
 
 class Journal:
-    def __init__(self, control_dir: bytes):
+    def __init__(self, control_dir: bytes, root: bytes | None = None):
+        """``control_dir``: where ``journal/`` is: the backing dir's control dir, or a
+        shared mount's own area in it (encfs/sharedmount.py), given with the backing dir
+        ``root`` then."""
         self.dir = os.path.join(control_dir, JOURNAL_DIR.encode())
-        self.root = os.path.dirname(control_dir.rstrip(b"/"))
+        self.root = root if root is not None else os.path.dirname(control_dir.rstrip(b"/"))
         #: Intents name files by absolute path; replay touches nothing outside this root.
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._seq = 0

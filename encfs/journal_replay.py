@@ -10,6 +10,7 @@ but OSError or JournalError, which the caller reports.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import shutil
@@ -60,14 +61,20 @@ def pending(jdir: bytes) -> list[bytes]:
     return sorted(os.path.join(jdir, n) for n in names)
 
 
-def replay_dir(jdir: bytes, root: bytes) -> list[str]:
+def replay_dir(jdir: bytes, root: bytes, written_under: bytes | None = None) -> list[str]:
     """Finish every pending record of the journal dir ``jdir`` of backing dir ``root``
-    and remove it; one line per record saying what was done."""
+    and remove it; one line per record saying what was done. ``written_under``: the
+    backing dir's path where the records were written, when that is not ``root`` (a
+    shared mount on another host, whose client mount of the shared filesystem is
+    elsewhere: encfs/sharedmount.py); their paths are moved under ``root``."""
     done = []
     for path in pending(jdir):
         shown = _show(path)
         try:
-            what = replay_record(root, decode(read_record_file(path)))
+            record = decode(read_record_file(path))
+            if written_under is not None:
+                record = _moved(record, written_under, root)
+            what = replay_record(root, record)
         except JournalError as e:
             what = f"ignored a damaged intent {shown}: {e}"
         except OSError as e:
@@ -81,6 +88,20 @@ def replay_dir(jdir: bytes, root: bytes) -> list[str]:
         except OSError as e:
             done.append(f"could not remove intent {shown}: {e.strerror}")
     return done
+
+
+def _moved(r: Record, old_root: bytes, new_root: bytes) -> Record:
+    """A record whose paths below ``old_root`` now name the same files below
+    ``new_root`` (others stay, and replay refuses them as outside the backing dir)."""
+    old_prefix = os.fsdecode(old_root.rstrip(b"/")) + "/"
+    new_prefix = os.fsdecode(new_root.rstrip(b"/")) + "/"
+
+    def move(p: str) -> str:
+        return new_prefix + p[len(old_prefix):] if p.startswith(old_prefix) else p
+
+    if isinstance(r, RenameIntent):
+        return dataclasses.replace(r, old=move(r.old), new=move(r.new))
+    return dataclasses.replace(r, path=move(r.path))
 
 
 def read_record_file(path: bytes) -> bytes:

@@ -20,7 +20,7 @@ import trio
 from kms.paths import default_data_dir
 
 from . import backing as bk
-from . import control, dispatch, kmsconn, namekey, tuning
+from . import control, dispatch, kmsconn, namekey, sharedmount, tuning
 from .executor import ContentExecutor
 from .fs import EncFS
 from .journal import Journal
@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="FUSE mount options, comma separated (e.g. allow_other)")
     p.add_argument("--shared-backing", action="store_true",
-                   help="other programs also write to BACKING: turn kernel caching down "
-                   "(0 s entry/attribute timeouts, no writeback cache, no keep_cache)")
+                   help="BACKING is shared: other mounts (on this or other hosts, through "
+                   "a network filesystem) or programs use it at the same time; every mount "
+                   "of it must say so (docs/SHARED.md)")
     p.add_argument("--encrypt-names", action="store_true",
                    help="encrypt file names, symlink targets and xattr names too (chosen "
                    "when BACKING is first used; later mounts follow its config)")
@@ -96,7 +97,7 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if os.path.commonpath([os.fsdecode(backing), mountpoint]) in (os.fsdecode(backing),
                                                                   mountpoint):
         raise UserError("backing directory and mountpoint must not contain each other")
-    lock = bk.MountLock(backing)
+    lock = sharedmount.MountClaim(backing, shared=args.shared_backing)
     try:
         lock.acquire()
     except bk.BackingError as e:
@@ -107,16 +108,20 @@ def _mount(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         kmsconn.record(backing, kms)  # tools run on BACKING without options use this KMS
         if config.encrypt_names and not args.user:  # (with --user: as the user, later)
             _name_key(backing, kms, key_id)
-        _recover_if_unclean(backing)
+        if args.shared_backing:
+            _recover_shared(lock)
+        else:
+            _recover_if_unclean(backing)
     except BaseException:
         lock.release()
         raise
     if not args.foreground:
-        bk.mark_clean(backing)  # the daemon marks it again
+        if not args.shared_backing:
+            bk.mark_clean(backing)  # the daemon marks it again
         lock.release()  # the daemon takes it over
         return _spawn_background(args, argv, backing, mountpoint)
     try:
-        return _serve_foreground(args, backing, config, mountpoint, kms, key_id)
+        return _serve_foreground(args, backing, config, mountpoint, kms, key_id, lock)
     finally:
         lock.release()
 
@@ -142,8 +147,22 @@ def _recover_if_unclean(backing: bytes) -> None:
     print(f"encfs mount: {msg}", file=sys.stderr)  # in the log file when in background
 
 
+def _recover_shared(claim: sharedmount.MountClaim) -> None:
+    """A shared mount recovers the areas of dead mounts; when no other mount is up, also
+    what an exclusive mount left (its dirty marker) and the shared temp files."""
+    done = []
+    if claim.alone():  # also the temp files a dead shared mount left in .encfs/tmp
+        done += recover(claim.backing)
+        bk.mark_clean(claim.backing)
+    done += claim.recover()
+    if done:
+        print("encfs mount: recovered what dead mounts of this backing dir left: "
+              + "; ".join(done), file=sys.stderr)
+
+
 def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.BackingConfig,
-                      mountpoint: str, kms: kmsconn.KmsTarget, key_id: str) -> int:
+                      mountpoint: str, kms: kmsconn.KmsTarget, key_id: str,
+                      claim: sharedmount.MountClaim) -> int:
     _setup_logging(args.debug)
     faulthandler.enable()
     tuning.keep_freed_memory()
@@ -152,9 +171,16 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
     # so after serve_as its requests carry the serving user's uid.
     keys = KeyManager(kms.async_client(), key_id, ttl=args.key_cache_ttl,
                       pool_size=max(0, args.dek_pool))
-    content = ContentExecutor(Journal(bk.control_path(backing)))
+    # A shared mount journals into an area of its own (encfs/sharedmount.py).
+    try:
+        area = claim.open_area() if args.shared_backing else None
+    except bk.BackingError as e:
+        raise UserError(str(e)) from None
+    content = ContentExecutor(Journal(area.journal_parent, root=backing) if area
+                              else Journal(bk.control_path(backing)))
     ops = EncFS(backing, config, keys, mountpoint=mountpoint,
-                shared_backing=args.shared_backing, content=content)
+                shared_backing=args.shared_backing, content=content,
+                spare_dir=area.tmp if area else None)
     options = set(pyfuse3.default_options)
     # fsname shows the backing dir in mount(8) and df; libfuse splits options on commas.
     options |= {"fsname=" + os.fsdecode(backing).replace(",", "\\,"), "subtype=encfs"}
@@ -186,7 +212,9 @@ def _serve_foreground(args: argparse.Namespace, backing: bytes, config: bk.Backi
         ops.close_all()
         back_to_root()  # unmounting a mount made by root needs root
         pyfuse3.close(unmount=True)
-        if clean:
+        if args.shared_backing:
+            claim.release(clean)  # a clean stop removes the mount's area
+        elif clean:
             bk.mark_clean(backing)
         log.info("unmounted %s%s; %s", mountpoint, "" if clean else " after an error",
                  dispatch.Stats.line())
@@ -269,7 +297,9 @@ def _spawn_background(args: argparse.Namespace, argv: Sequence[str] | None, back
                       mountpoint: str) -> int:
     """Run the mount in a detached child and return once the mountpoint is live."""
     argv = list(sys.argv[2:] if argv is None else argv)
-    log_path = args.log or os.fsdecode(bk.control_path(backing, LOG_FILE))
+    # Shared mounts of one backing dir run on many hosts: a log file for each host.
+    default_log = f"mount-{sharedmount.host_name()}.log" if args.shared_backing else LOG_FILE
+    log_path = args.log or os.fsdecode(bk.control_path(backing, default_log))
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
     with os.fdopen(log_fd, "ab") as logf:

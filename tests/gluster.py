@@ -22,6 +22,18 @@ from typing import Iterator
 
 READY_TIMEOUT = 60.0
 
+#: What encfs --shared-backing needs of a GlusterFS volume (docs/SHARED.md): no client-side
+#: caching or delaying of data and metadata, so that what one client wrote and closed is
+#: what the next open on another client reads.
+SHARED_VOLUME_OPTIONS = {
+    "performance.write-behind": "off", "performance.flush-behind": "off",
+    "performance.read-ahead": "off", "performance.io-cache": "off",
+    "performance.quick-read": "off", "performance.stat-prefetch": "off",
+    "performance.open-behind": "off", "performance.readdir-ahead": "off",
+}
+#: ... and of its client mounts: no kernel attribute, entry or page caching.
+SHARED_MOUNT_OPTIONS = "attribute-timeout=0,entry-timeout=0,negative-timeout=0,direct-io-mode=enable"
+
 
 @dataclass
 class GlusterVolume:
@@ -82,6 +94,23 @@ def _stop_pidfile(pidfile: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _mount_client(name: str, path: str, shared: bool) -> None:
+    """Mount the volume at ``path``. A volume just started may not serve its brick yet
+    (mount.glusterfs then fails at once): tried again until READY_TIMEOUT."""
+    cmd = ["mount", "-t", "glusterfs", *(["-o", SHARED_MOUNT_OPTIONS] if shared else []),
+           f"{socket.gethostname()}:/{name}", path]
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if res.returncode == 0 and _in_mount_table(path):
+            return
+        _unmount(path)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): "
+                               f"{res.stdout}{res.stderr}")
+        time.sleep(0.5)
+
+
 def _unmount(path: str) -> None:
     if os.path.ismount(path) or _in_mount_table(path):
         if subprocess.run(["umount", path], capture_output=True).returncode != 0:
@@ -94,9 +123,10 @@ def _in_mount_table(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def gluster_volume(workdir: str, hosts: int = 2) -> Iterator[GlusterVolume]:
+def gluster_volume(workdir: str, hosts: int = 2, shared: bool = False) -> Iterator[GlusterVolume]:
     """A one-brick volume under ``workdir``, mounted ``hosts`` times; all of it gone on
-    exit (client mounts, the volume, and glusterd if this call started it)."""
+    exit (client mounts, the volume, and glusterd if this call started it). ``shared``:
+    set up as docs/SHARED.md says for encfs --shared-backing."""
     name = f"encfs-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     brick = os.path.join(workdir, "brick")
     os.makedirs(brick, exist_ok=True)
@@ -105,13 +135,13 @@ def gluster_volume(workdir: str, hosts: int = 2) -> Iterator[GlusterVolume]:
         # force: the brick is on the root filesystem, which gluster warns about
         _gluster("volume", "create", name, f"{socket.gethostname()}:{brick}", "force")
         try:
+            for key, value in (SHARED_VOLUME_OPTIONS.items() if shared else ()):
+                _gluster("volume", "set", name, key, value)
             _gluster("volume", "start", name)
             try:
                 for c in clients:
                     os.makedirs(c, exist_ok=True)
-                    subprocess.run(["mount", "-t", "glusterfs",
-                                    f"{socket.gethostname()}:/{name}", c],
-                                   check=True, capture_output=True, timeout=60)
+                    _mount_client(name, c, shared)
                 yield GlusterVolume(name=name, brick=brick, clients=clients)
             finally:
                 for c in clients:
