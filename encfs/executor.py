@@ -2,13 +2,15 @@
 file, under the file's reader/writer lock.
 
 Reads of one file run in parallel; a write or truncate of a file excludes every other
-request of that file's content (`RWLock`). That lock, not the trio thread, is what makes a
-read-modify-write of a block safe now that requests await: a large request does its
-pread + decrypt, or its reads + encrypt, in a worker thread (`trio.to_thread`:
-`cryptography`'s AES-GCM and pread/pwrite release the GIL), so one file's read overlaps
-another's write and both cores work. Small requests stay on the trio thread, where a
-thread hand-off would cost more than the work (`OFFLOAD_MIN`, measured:
-docs/PERFORMANCE.md).
+request of that file's content (`RWLock`, first come first served). That lock, not the
+trio thread, is what makes a read-modify-write of a block safe once requests await: the
+executor can run a large request's pread + decrypt, or its reads + encrypt, in a worker
+thread (`trio.to_thread`; `cryptography`'s AES-GCM and pread/pwrite release the GIL).
+It does not by default (`READ_OFFLOAD_MIN`/`WRITE_OFFLOAD_MIN` are None): measured on
+these 2-core machines, a worker thread cost more than the overlap bought, for one stream
+and for two files at once, warm and cold (the buffers change cores twice: AES-GCM and
+the copies ran at half speed in the worker; docs/PERFORMANCE.md, "Sequential rows
+back").
 
 What changes the backing file and the journal (undo record or redo intent, the pwrites
 and truncates, clearing the record) always runs on the trio thread with no await in
@@ -18,6 +20,7 @@ path a record names is taken in that same step, so a rename cannot slip in betwe
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 from typing import Any, Callable, Protocol
@@ -30,53 +33,81 @@ from . import format as fmt
 from .cipher import BlockCipher
 from .journal import Journal
 
-#: Reads of at least this much ciphertext run their pread + decrypt in a worker thread.
-#: Below it the hand-off (~30-60 µs) costs more than it frees the trio thread for (a
-#: 16 KiB block decrypts in a few µs).
-READ_OFFLOAD_MIN = 128 * 1024
-#: Writes of at least this many bytes run their reads + encryption in a worker thread.
-WRITE_OFFLOAD_MIN = 128 * 1024
+#: Reads of at least this much ciphertext run their pread + decrypt in a worker thread;
+#: None: never. Off by default: inline reads gave more MB/s for less daemon CPU, warm and
+#: cold, one file or two (docs/PERFORMANCE.md).
+READ_OFFLOAD_MIN: int | None = None
+#: Writes of at least this many bytes run their reads + encryption in a worker thread;
+#: None: never (same measurements).
+WRITE_OFFLOAD_MIN: int | None = None
 
 
 class RWLock:
-    """A reader/writer lock for the tasks of one trio run: readers share it, a writer has
-    it alone, and a waiting writer keeps new readers out (no writer starvation). A free
-    acquire does not yield to the scheduler."""
+    """A first-come, first-served reader/writer lock for the tasks of one trio run: readers
+    share it, a writer has it alone, and a waiting writer keeps new readers out (no writer
+    starvation). A free acquire does not yield to the scheduler.
 
-    __slots__ = ("_readers", "_writer", "_writers_waiting", "_lot")
+    Waiters are granted the lock in the order they asked for it, by the releasing task
+    (the lock is handed over, not fought for). Order matters: the kernel sends the WRITEs
+    of a sequential writeback in file order, and trio runs woken tasks in a random order,
+    so with a wake-everyone lock a later WRITE often went first and the earlier one then
+    landed in a hole: a pread of the hole, a 1 MiB undo record and a re-encryption for
+    every such request (3x the daemon CPU per GiB written; docs/PERFORMANCE.md)."""
+
+    __slots__ = ("_readers", "_writer", "_queue")
 
     def __init__(self) -> None:
         self._readers = 0
         self._writer = False
-        self._writers_waiting = 0
-        self._lot = trio.lowlevel.ParkingLot()
+        #: waiting tasks, oldest first: [task, exclusive]
+        self._queue: collections.deque[list[Any]] = collections.deque()
 
     async def acquire_read(self) -> None:
-        while self._writer or self._writers_waiting:
-            await self._lot.park()
-        self._readers += 1
+        if self._writer or self._queue:
+            await self._wait(False)
+        else:
+            self._readers += 1
 
     def release_read(self) -> None:
         self._readers -= 1
-        if not self._readers and self._lot:
-            self._lot.unpark_all()
+        self._grant()
 
     async def acquire_write(self) -> None:
-        self._writers_waiting += 1
-        try:
-            while self._writer or self._readers:
-                await self._lot.park()
-        except BaseException:
-            self._writers_waiting -= 1
-            self._lot.unpark_all()  # readers held back for us may go on
-            raise
-        self._writers_waiting -= 1
-        self._writer = True
+        if self._writer or self._readers or self._queue:
+            await self._wait(True)
+        else:
+            self._writer = True
 
     def release_write(self) -> None:
         self._writer = False
-        if self._lot:
-            self._lot.unpark_all()
+        self._grant()
+
+    async def _wait(self, exclusive: bool) -> None:
+        entry = [trio.lowlevel.current_task(), exclusive]
+        self._queue.append(entry)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._queue.remove(entry)
+            self._grant()  # a cancelled writer at the head may have held back readers
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        # The granting task has already counted us in: nothing to do when we wake.
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _grant(self) -> None:
+        """Hand the lock to the waiters at the head of the queue that can have it now: one
+        writer, or every reader up to the next writer."""
+        queue = self._queue
+        while queue and not self._writer:
+            task, exclusive = queue[0]
+            if exclusive:
+                if self._readers:
+                    return
+                self._writer = True
+            else:
+                self._readers += 1
+            queue.popleft()
+            trio.lowlevel.reschedule(task)
 
     def read(self) -> "_Held":
         return _Held(self, False)
@@ -123,8 +154,8 @@ class ContentExecutor:
     """Reads, writes and truncates the content of open data files, recording what a crash
     must undo or finish in ``journal``."""
 
-    def __init__(self, journal: Journal, read_offload_min: int = READ_OFFLOAD_MIN,
-                 write_offload_min: int = WRITE_OFFLOAD_MIN):
+    def __init__(self, journal: Journal, read_offload_min: int | None = READ_OFFLOAD_MIN,
+                 write_offload_min: int | None = WRITE_OFFLOAD_MIN):
         self.journal = journal
         self.read_offload_min = read_offload_min
         self.write_offload_min = write_offload_min
@@ -151,7 +182,8 @@ class ContentExecutor:
                     return _read(f.fd, f.cipher, f.block_size, plan)
                 finally:
                     fcntl.fcntl(f.fd, fcntl.F_SETFL, flags)
-            if plan.blocks.length >= self.read_offload_min:
+            if self.read_offload_min is not None and \
+                    plan.blocks.length >= self.read_offload_min:
                 return await trio.to_thread.run_sync(_read, f.fd, f.cipher, f.block_size,
                                                      plan)
             return _read(f.fd, f.cipher, f.block_size, plan)
@@ -165,7 +197,7 @@ class ContentExecutor:
         can find the file after a crash)."""
         async with f.content_lock.write():
             plan = ct.plan_write(os.fstat(f.fd).st_size, f.block_size, off, len(data))
-            if len(data) >= self.write_offload_min:
+            if self.write_offload_min is not None and len(data) >= self.write_offload_min:
                 done = await trio.to_thread.run_sync(self._prepare, f, plan, data)
             else:
                 done = self._prepare(f, plan, data)

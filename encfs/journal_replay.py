@@ -1,4 +1,5 @@
-"""Crash recovery: finish what a killed mount left in its journal, and clear its temp files.
+"""Crash recovery: finish what a killed mount left in its journal, clear its temp files,
+and sweep the leftovers of an interrupted create or unlink (encfs/journal_sweep.py).
 
 `replay_record` applies one decoded journal record (encfs/journal_codec.py) to the
 backing dir; `recover` is what a mount runs after an unclean stop. Every record is
@@ -18,6 +19,7 @@ import stat
 from typing import Any
 
 from . import backing as bk
+from . import journal_sweep
 from . import renameat2 as _r2
 from .content import PWrite
 from .journal_codec import (INTENT_MAGIC, RENAME_EXCHANGE, UNDO_MAGIC, JournalError,
@@ -165,6 +167,8 @@ def recover(backing: bytes) -> list[str]:
             done.append(f"could not remove {_show(path)}: {e.strerror}")
     if removed:
         done.append(f"removed {removed} temporary file(s) of interrupted writes")
+    # Last: only once renames are finished is a sidecar without its data file a leftover.
+    done += journal_sweep.sweep(backing)
     return done
 
 
