@@ -276,33 +276,12 @@ class PlainTarget(Target):
         os.sync()
 
 
-class EncfsTarget(Target):
-    name = "encfs"
-    mount_args: list[str] = []
-
-    def start(self) -> None:
-        from encfs.pytest_plugin import make_mount, start_kms_server
-        kms_dir = os.path.join(self.root, "kms")
-        os.makedirs(kms_dir)
-        # The bench measures the KMS's capacity, not its per-caller throttle (default 2000/s).
-        help_text = subprocess.run([sys.executable, "-m", "kms", "serve", "--help"],
-                                   capture_output=True, text=True).stdout
-        self.kms_args = ["--rate-limit", "0"] if "--rate-limit" in help_text else []
-        self.kms = start_kms_server(kms_dir, extra_args=self.kms_args)
-        self.mount = make_mount(self.kms, os.path.join(self.root, "fs"),
-                                extra_args=list(self.mount_args))
-        self.dir = self.mount.mountpoint
+class MountedEncfs:
+    """What the bench asks of an encfs target with `mount` (an EncryptedMount) and `kms`
+    (a KmsServer): shared by the single mount and the shared-backing pair."""
 
     def backing_dir(self) -> str:
         return self.mount.backing
-
-    def stop(self) -> None:
-        try:
-            if getattr(self, "mount", None) is not None:
-                self.mount.unmount()
-        finally:
-            if getattr(self, "kms", None) is not None:
-                self.kms.stop()
 
     def remount(self) -> None:
         self.mount.remount()
@@ -337,6 +316,32 @@ class EncfsTarget(Target):
             return self.mount.log()[-4000:]
         except OSError:
             return ""
+
+
+class EncfsTarget(MountedEncfs, Target):
+    name = "encfs"
+    mount_args: list[str] = []
+
+    def start(self) -> None:
+        from encfs.pytest_plugin import make_mount, start_kms_server
+        kms_dir = os.path.join(self.root, "kms")
+        os.makedirs(kms_dir)
+        # The bench measures the KMS's capacity, not its per-caller throttle (default 2000/s).
+        help_text = subprocess.run([sys.executable, "-m", "kms", "serve", "--help"],
+                                   capture_output=True, text=True).stdout
+        self.kms_args = ["--rate-limit", "0"] if "--rate-limit" in help_text else []
+        self.kms = start_kms_server(kms_dir, extra_args=self.kms_args)
+        self.mount = make_mount(self.kms, os.path.join(self.root, "fs"),
+                                extra_args=list(self.mount_args))
+        self.dir = self.mount.mountpoint
+
+    def stop(self) -> None:
+        try:
+            if getattr(self, "mount", None) is not None:
+                self.mount.unmount()
+        finally:
+            if getattr(self, "kms", None) is not None:
+                self.kms.stop()
 
 
 def _stale_mount(path: str) -> bool:
@@ -457,7 +462,7 @@ class GlusterTarget(Target):
             self._stack.close()
 
 
-class EncfsSharedTarget(GlusterTarget):
+class EncfsSharedTarget(MountedEncfs, GlusterTarget):
     """Two `encfs mount --shared-backing` of one backing dir on two clients of one
     GlusterFS volume ("hosts" a and b), one KMS; the workloads run on a while b is
     mounted (docs/SHARED.md)."""
@@ -494,28 +499,6 @@ class EncfsSharedTarget(GlusterTarget):
                 self.kms.stop()
         finally:
             super().stop()
-
-    def backing_dir(self) -> str:
-        return self.mount.backing
-
-    def remount(self) -> None:
-        self.mount.remount()
-
-    def daemon_pid(self) -> int | None:
-        p = self.mount.process
-        return p.pid if p is not None else None
-
-    def kms_pid(self) -> int | None:
-        return self.kms.process.pid
-
-    def alive(self) -> str | None:
-        return EncfsTarget.alive(self)  # type: ignore[arg-type]
-
-    def recover(self) -> None:
-        EncfsTarget.recover(self)  # type: ignore[arg-type]
-
-    def daemon_log(self) -> str:
-        return EncfsTarget.daemon_log(self)  # type: ignore[arg-type]
 
 
 TARGETS: dict[str, type[Target]] = {"plain": PlainTarget, "encfs": EncfsTarget,

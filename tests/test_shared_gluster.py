@@ -8,8 +8,6 @@ backing dir on it, so tests never see each other's files.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import shutil
 import signal
