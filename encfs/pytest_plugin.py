@@ -139,6 +139,16 @@ def start_as_uid(uid: int, fn: Callable[[], Any]) -> UidChild:
     return UidChild(pid, r)
 
 
+def mount_options(mountpoint: str) -> set[str]:
+    """The options the kernel shows for the mount at ``mountpoint`` (/proc/self/mounts)."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == mountpoint:
+                return set(fields[3].split(","))
+    raise AssertionError(f"{mountpoint} not mounted")
+
+
 def run_as_uid(uid: int, fn: Callable[[], Any]) -> tuple[str, Any]:
     """Call ``fn()`` as ``uid`` in a forked child (`start_as_uid`) and wait for it.
 

@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from encfs import format as fmt
-from encfs.pytest_plugin import short_tempdir, make_mount, run_as_uid, start_kms_server
+from encfs.pytest_plugin import mount_options, short_tempdir, make_mount, run_as_uid, start_kms_server
 from kms.client import KmsClient
 
 pytestmark = [pytest.mark.fuse,
@@ -54,15 +54,6 @@ def env():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _options(mountpoint: str) -> set[str]:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == mountpoint:
-                return set(fields[3].split(","))
-    raise AssertionError(f"{mountpoint} not mounted")
-
-
 def test_without_allow_other_no_other_uid_gets_in(env):
     work, kms, mounts = env
     m = make_mount(kms, os.path.join(work, "private"))
@@ -72,7 +63,7 @@ def test_without_allow_other_no_other_uid_gets_in(env):
         f.write(b"world-readable mode, private mount")
     os.chmod(f"{m.mountpoint}/public.txt", 0o644)
     os.chmod(m.mountpoint, 0o755)
-    opts = _options(m.mountpoint)
+    opts = mount_options(m.mountpoint)
     assert "allow_other" not in opts  # only on request
     assert as_uid(NOBODY, lambda: read(f"{m.mountpoint}/public.txt")) == ("errno", errno.EACCES)
     assert as_uid(NOBODY, lambda: os.listdir(m.mountpoint)) == ("errno", errno.EACCES)
@@ -85,7 +76,7 @@ def test_allow_other_always_comes_with_default_permissions(env):
     mounts.append(m)
     os.chmod(os.path.dirname(m.mountpoint), 0o755)
     os.chmod(m.mountpoint, 0o755)
-    assert {"allow_other", "default_permissions"} <= _options(m.mountpoint)
+    assert {"allow_other", "default_permissions"} <= mount_options(m.mountpoint)
     for name, mode in (("private", 0o600), ("public", 0o644), ("group", 0o640)):
         with open(f"{m.mountpoint}/{name}", "wb") as f:
             f.write(name.encode())

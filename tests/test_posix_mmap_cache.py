@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from encfs.pytest_plugin import short_tempdir, make_mount, running_kms
+from encfs.pytest_plugin import mount_options, short_tempdir, make_mount, running_kms
 
 pytestmark = pytest.mark.fuse
 
@@ -149,15 +149,6 @@ def test_shared_backing_sees_other_writers_at_once(kms):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _options(mountpoint: str) -> set[str]:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == mountpoint:
-                return set(fields[3].split(","))
-    raise AssertionError(f"{mountpoint} not mounted")
-
-
 def test_default_mounts_show_what_reads_and_writes_change(kms):
     """A default mount lets the kernel trust entries and attributes for long (nobody else
     writes its backing dir). The one attribute a write changes without the kernel hearing
@@ -199,7 +190,7 @@ def test_a_mount_only_root_can_reach_leaves_permission_checks_to_the_backing_fs(
     workdir = short_tempdir("encfs-perm-")
     m = _mount(kms, workdir)
     try:
-        assert "default_permissions" not in _options(m.mountpoint)
+        assert "default_permissions" not in mount_options(m.mountpoint)
         mp = m.mountpoint
         with open(f"{mp}/script", "w") as f:
             f.write("#!/bin/sh\necho ran\n")
