@@ -87,10 +87,6 @@ class DirNames:
     cipher: NameCipher
     dir_id: bytes
 
-    @property
-    def is_long(self) -> bool:
-        return self.long_name is not None
-
 
 def _hash(name: bytes) -> bytes:
     return base64.urlsafe_b64encode(hashlib.sha256(name).digest()).rstrip(b"=")
